@@ -1,0 +1,62 @@
+# The two commands: `make run` (everything, on this machine) and `make test` (the whole suite).
+# Both create .venv and install what they need themselves.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(BIN):$(PATH)
+
+.PHONY: run test lint firmware-test bench bench-ingest bench-payment clean help
+
+help:
+	@echo "make run    - start the whole system (web, MQTT worker, Celery, Mosquitto, Redis)"
+	@echo "make test   - run the test suite (pytest, firmware host tests, ruff)"
+	@echo "make bench  - run the benchmarks under bench/"
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
+	@touch $(STAMP)
+
+.env: .env.example
+	@if [ ! -f .env ]; then \
+		key=$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))'); \
+		sed "s|^SECRET_KEY=.*|SECRET_KEY=$$key|" .env.example > .env; \
+		echo "Created .env from .env.example (edit it to configure)"; \
+	fi
+
+run: $(STAMP) .env
+	@bin/ensure-system-deps
+	@mkdir -p var
+	$(BIN)/honcho run python manage.py migrate --noinput
+	$(BIN)/honcho run python manage.py seed_demo
+	@echo "Starting everything (Ctrl-C stops it all)..."
+	exec $(BIN)/honcho start -f Procfile
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+firmware-test:
+	@bin/ensure-system-deps --test
+	bash firmware/host-test.sh
+
+# The suite: ruff, the firmware's host tests (ctest), then pytest. Services come from
+# DATABASE_URL / REDIS_URL / MQTT_URL or are started privately by the tests.
+test: $(STAMP)
+	@bin/ensure-system-deps --test
+	$(BIN)/ruff check .
+	bash firmware/host-test.sh
+	$(BIN)/python -m pytest
+
+bench: bench-ingest bench-payment
+
+bench-ingest: $(STAMP)
+	$(BIN)/python -m bench.ingest
+
+bench-payment: $(STAMP)
+	$(BIN)/python -m bench.payment
+
+clean:
+	rm -rf var staticfiles firmware/build .pytest_cache .ruff_cache

@@ -1,0 +1,169 @@
+"""The utility staff's admin for customers, meters, tariffs, the ledger and the command outbox.
+
+The ledger, readings, status events and commands are read-only here: a balance changes only
+through the "Adjust balance" action, which calls the same service as the API, with a reason,
+and records who did it.
+"""
+
+from django import forms
+from django.contrib import admin, messages
+from django.shortcuts import render
+
+from meters import services
+from meters.errors import DomainError
+from meters.models import Customer, LedgerEntry, Meter, MeterCommand, Reading, StatusEvent, Tariff
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows that are history: visible, never edited or deleted from the admin."""
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Customer)
+class CustomerAdmin(admin.ModelAdmin):
+    list_display = ["name", "phone", "user", "created_at"]
+    search_fields = ["name", "phone", "user__username", "meters__meter_no"]
+    raw_id_fields = ["user"]
+
+
+@admin.register(Tariff)
+class TariffAdmin(admin.ModelAdmin):
+    list_display = ["name", "kes_per_kwh", "effective_from"]
+
+
+class AdjustmentForm(forms.Form):
+    units_kwh = forms.DecimalField(
+        max_digits=18, decimal_places=6, help_text="Signed kWh: positive adds, negative removes"
+    )
+    reason = forms.CharField(max_length=255, help_text="Why (kept in the ledger)")
+
+
+class RecentReadingInline(admin.TabularInline):
+    model = Reading
+    fields = ["reading_at", "units_consumed_kwh", "debit_kwh", "remaining_balance_kwh", "energy_total_kwh", "seq", "is_duplicate"]
+    readonly_fields = fields
+    ordering = ["-id"]
+    extra = 0
+    max_num = 0
+    can_delete = False
+    show_change_link = False
+    verbose_name_plural = "recent readings"
+
+    def get_queryset(self, request):
+        # The newest 20 only: a meter reports every 30 s, so its history is long.
+        queryset = super().get_queryset(request)
+        ids = list(queryset.order_by("-id").values_list("id", flat=True)[:20])
+        return queryset.filter(id__in=ids)
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Meter)
+class MeterAdmin(admin.ModelAdmin):
+    list_display = ["meter_no", "owner", "balance_kwh", "online", "relay_state", "relay_override", "last_seen_at", "anomaly"]
+    list_filter = ["online", "relay_state", "relay_override", "tariff"]
+    search_fields = ["meter_no", "owner__name", "owner__phone"]
+    raw_id_fields = ["owner"]
+    readonly_fields = [
+        "balance_kwh", "last_energy_total_kwh", "last_reported_balance_kwh", "last_seen_at",
+        "online", "relay_state", "relay_override", "last_resync_at", "created_at",
+    ]
+    inlines = [RecentReadingInline]
+    actions = ["adjust_balance", "push_balance"]
+
+    def get_readonly_fields(self, request, obj=None):
+        # The meter number is the device's identity: set once at provisioning.
+        return self.readonly_fields + (["meter_no"] if obj else [])
+
+    @admin.action(description="Adjust balance (with a reason)")
+    def adjust_balance(self, request, queryset):
+        if "apply" in request.POST:
+            form = AdjustmentForm(request.POST)
+            if form.is_valid():
+                done = 0
+                for meter in queryset:
+                    try:
+                        services.ledger_adjust(
+                            meter_no=meter.meter_no,
+                            units_kwh=form.cleaned_data["units_kwh"],
+                            reason=form.cleaned_data["reason"],
+                            actor=request.user,
+                        )
+                        done += 1
+                    except DomainError as error:
+                        self.message_user(request, f"{meter.meter_no}: {error.message}", messages.ERROR)
+                if done:
+                    self.message_user(request, f"Adjusted {done} meter(s).", messages.SUCCESS)
+                return None
+        else:
+            form = AdjustmentForm()
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Adjust balance",
+            "meters": queryset,
+            "form": form,
+            "action": "adjust_balance",
+            "opts": self.model._meta,
+        }
+        return render(request, "admin/meters/adjust_balance.html", context)
+
+    @admin.action(description="Send the current balance to the meter")
+    def push_balance(self, request, queryset):
+        for meter in queryset:
+            services.meter_command_queue_balance(meter_no=meter.meter_no, reason="resync", actor=request.user.get_username())
+        self.message_user(request, f"Queued {queryset.count()} balance command(s).", messages.SUCCESS)
+
+    def save_model(self, request, obj, form, change):
+        # Creating or re-assigning a meter goes through the services; the balance never does.
+        if change:
+            services.meter_update(meter_no=obj.meter_no, owner=obj.owner, tariff=obj.tariff)
+        else:
+            saved = services.meter_provision(meter_no=obj.meter_no, owner=obj.owner, tariff=obj.tariff)
+            obj.pk = saved.pk
+
+
+@admin.register(LedgerEntry)
+class LedgerEntryAdmin(ReadOnlyAdmin):
+    list_display = ["id", "created_at", "meter", "kind", "units_kwh", "amount_kes", "actor", "reason"]
+    list_filter = ["kind", "created_at"]
+    search_fields = ["meter__meter_no", "idempotency_key", "actor", "reason"]
+    list_select_related = ["meter"]
+
+
+@admin.register(Reading)
+class ReadingAdmin(ReadOnlyAdmin):
+    list_display = [
+        "id", "meter", "reading_at", "units_consumed_kwh", "debit_kwh", "remaining_balance_kwh",
+        "energy_total_kwh", "seq", "is_duplicate", "time_trusted",
+    ]
+    list_filter = ["is_duplicate", "time_trusted"]
+    search_fields = ["meter__meter_no"]
+    list_select_related = ["meter"]
+
+
+@admin.register(StatusEvent)
+class StatusEventAdmin(ReadOnlyAdmin):
+    list_display = ["id", "meter", "status", "message", "balance_kwh", "wifi_rssi", "relay", "received_at"]
+    list_filter = ["status"]
+    search_fields = ["meter__meter_no", "message"]
+    list_select_related = ["meter"]
+
+
+@admin.register(MeterCommand)
+class MeterCommandAdmin(ReadOnlyAdmin):
+    list_display = [
+        "id", "meter", "kind", "reason", "balance_kwh", "relay_state", "status", "attempts",
+        "issued_at", "sent_at", "acknowledged_at",
+    ]
+    list_filter = ["kind", "status", "reason"]
+    search_fields = ["meter__meter_no", "cmd_id"]
+    list_select_related = ["meter"]

@@ -1,0 +1,41 @@
+"""Live events to browsers and the mobile app, sent after commit through the Channels layer.
+
+Groups: `meter.<meterNo>` for a meter's own page, `staff` for the utility's dashboards. Live
+events are a view of committed state, never the state itself: if Redis is down the event is
+logged and dropped, and a client that reconnects reads the current state from the database.
+"""
+
+import logging
+
+from asgiref.sync import async_to_sync
+from django.db import transaction
+
+logger = logging.getLogger(__name__)
+
+STAFF_GROUP = "staff"
+
+
+def meter_group(meter_no: str) -> str:
+    return f"meter.{meter_no}"
+
+
+def send_meter_events(events: list[dict]) -> None:
+    """Send now (the caller has committed). Each event: {"meterNo", "type", ...}."""
+    if not events:
+        return
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        for event in events:
+            message = {"type": "meter.event", "event": event}
+            async_to_sync(layer.group_send)(meter_group(event["meterNo"]), message)
+            async_to_sync(layer.group_send)(STAFF_GROUP, message)
+    except Exception as error:
+        logger.warning("Live events not sent: channel layer unavailable (%s)", error)
+
+
+def send_meter_events_on_commit(events: list[dict]) -> None:
+    transaction.on_commit(lambda: send_meter_events(events))

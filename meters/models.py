@@ -1,0 +1,278 @@
+"""Customers, meters, tariffs, the ledger, readings, status events and the command outbox.
+
+Units: energy is kWh with 6 decimal places (`*_kwh`), money is KES with 2 (`*_kes`). The
+ledger is append-only; `Meter.balance_kwh` is a cache of the sum of the meter's entries and is
+changed only by `meters.services` in the same transaction as the entries, under a row lock.
+"""
+
+from decimal import Decimal
+
+from django.conf import settings
+from django.core.validators import RegexValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+METER_NO_REGEX = r"^[A-Za-z0-9_-]{1,32}$"
+PHONE_REGEX = r"^254(7|1)\d{8}$"
+
+KWH_PLACES = 6
+KES_PLACES = 2
+KWH_QUANTUM = Decimal("0.000001")
+KES_QUANTUM = Decimal("0.01")
+
+
+def kwh_field(**kwargs) -> models.DecimalField:
+    return models.DecimalField(max_digits=18, decimal_places=KWH_PLACES, **kwargs)
+
+
+def kes_field(**kwargs) -> models.DecimalField:
+    return models.DecimalField(max_digits=14, decimal_places=KES_PLACES, **kwargs)
+
+
+class Customer(models.Model):
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="customer"
+    )
+    name = models.CharField(max_length=120)
+    phone = models.CharField(
+        max_length=12,
+        validators=[RegexValidator(PHONE_REGEX, "Phone must look like 2547XXXXXXXX or 2541XXXXXXXX")],
+        help_text="Normalised to 2547XXXXXXXX / 2541XXXXXXXX",
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.phone})"
+
+
+class Tariff(models.Model):
+    name = models.CharField(max_length=64)
+    kes_per_kwh = models.DecimalField(max_digits=10, decimal_places=4)
+    effective_from = models.DateTimeField(default=timezone.now)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name", "-effective_from"]
+        constraints = [
+            models.CheckConstraint(condition=Q(kes_per_kwh__gt=0), name="tariff_rate_positive"),
+            models.UniqueConstraint(fields=["name", "effective_from"], name="tariff_name_from_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name}: KES {self.kes_per_kwh}/kWh from {self.effective_from:%Y-%m-%d}"
+
+
+class RelayState(models.TextChoices):
+    ON = "on", "On"
+    OFF = "off", "Off"
+    UNKNOWN = "unknown", "Unknown"
+
+
+class RelayOverride(models.TextChoices):
+    AUTO = "auto", "Automatic (on while balance > 0)"
+    ON = "on", "Forced on"
+    OFF = "off", "Forced off"
+
+
+class Meter(models.Model):
+    meter_no = models.CharField(
+        max_length=32,
+        unique=True,
+        validators=[RegexValidator(METER_NO_REGEX, "Meter number: 1-32 of A-Z a-z 0-9 _ -")],
+    )
+    owner = models.ForeignKey(
+        Customer, on_delete=models.PROTECT, related_name="meters", null=True, blank=True
+    )
+    tariff = models.ForeignKey(Tariff, on_delete=models.PROTECT, related_name="meters")
+    balance_kwh = kwh_field(default=Decimal("0"))
+    # The lifetime energy register (PROTOCOL.md `energyTotal`) up to which consumption has been
+    # debited; NULL until the first report that carries one sets the baseline.
+    last_energy_total_kwh = kwh_field(null=True, blank=True)
+    last_reported_balance_kwh = kwh_field(null=True, blank=True)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    online = models.BooleanField(default=False)
+    relay_state = models.CharField(max_length=8, choices=RelayState.choices, default=RelayState.UNKNOWN)
+    relay_override = models.CharField(
+        max_length=8, choices=RelayOverride.choices, default=RelayOverride.AUTO
+    )
+    anomaly = models.CharField(
+        max_length=200, blank=True, help_text="Set when a report looks wrong (e.g. register went backwards)"
+    )
+    last_resync_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["meter_no"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(meter_no__regex=METER_NO_REGEX), name="meter_no_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.meter_no
+
+
+class LedgerKind(models.TextChoices):
+    PAYMENT_CREDIT = "payment_credit", "Payment credit"
+    CONSUMPTION_DEBIT = "consumption_debit", "Consumption debit"
+    ADJUSTMENT = "adjustment", "Adjustment"
+
+
+class LedgerEntry(models.Model):
+    """One movement of units on a meter. Rows are never updated or deleted."""
+
+    meter = models.ForeignKey(Meter, on_delete=models.PROTECT, related_name="ledger_entries")
+    kind = models.CharField(max_length=24, choices=LedgerKind.choices)
+    units_kwh = kwh_field(help_text="Signed: credits positive, debits negative")
+    amount_kes = kes_field(null=True, blank=True, help_text="Money behind a credit, if any")
+    idempotency_key = models.CharField(max_length=160, unique=True)
+    reason = models.CharField(max_length=255, blank=True)
+    actor = models.CharField(max_length=150, help_text="Who caused it: a username, 'mpesa', 'meter'")
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["id"]
+        verbose_name_plural = "ledger entries"
+        constraints = [
+            models.CheckConstraint(
+                condition=(
+                    Q(kind="payment_credit", units_kwh__gt=0)
+                    | Q(kind="consumption_debit", units_kwh__lt=0)
+                    | (Q(kind="adjustment") & ~Q(units_kwh=0))
+                ),
+                name="ledger_sign_matches_kind",
+            ),
+            models.CheckConstraint(
+                condition=Q(amount_kes__isnull=True) | Q(amount_kes__gte=0),
+                name="ledger_amount_not_negative",
+            ),
+        ]
+        indexes = [models.Index(fields=["meter", "id"], name="ledger_meter_id")]
+
+    def __str__(self) -> str:
+        return f"{self.meter_id} {self.kind} {self.units_kwh}"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None and not kwargs.get("force_insert"):
+            raise ValueError("Ledger entries are append-only")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise ValueError("Ledger entries are append-only")
+
+
+class Reading(models.Model):
+    """One consumption report as received, with what it was charged."""
+
+    meter = models.ForeignKey(Meter, on_delete=models.PROTECT, related_name="readings")
+    received_at = models.DateTimeField(default=timezone.now)
+    # When the consumption happened: the meter's timestamp if it is real Unix time, else the
+    # time of receipt (a meter without NTP sends ms since boot; PROTOCOL.md).
+    reading_at = models.DateTimeField(db_index=True)
+    time_trusted = models.BooleanField(default=True)
+    meter_timestamp_ms = models.BigIntegerField()
+    units_consumed_kwh = kwh_field()
+    remaining_balance_kwh = kwh_field()
+    total_consumed_kwh = kwh_field()
+    seq = models.BigIntegerField(null=True, blank=True)
+    energy_total_kwh = kwh_field(null=True, blank=True)
+    # The report's identity: "s:<seq>" when a seq is sent, else "t:<timestamp>:<totalConsumed>".
+    dedup_key = models.CharField(max_length=80)
+    is_duplicate = models.BooleanField(default=False)
+    debit_kwh = kwh_field(default=Decimal("0"))
+    raw_payload = models.TextField()
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            # A second copy of a report is stored, flagged, but never twice as a first copy.
+            models.UniqueConstraint(
+                fields=["meter", "dedup_key"],
+                condition=Q(is_duplicate=False),
+                name="reading_identity_unique",
+            ),
+            models.CheckConstraint(condition=Q(debit_kwh__gte=0), name="reading_debit_not_negative"),
+        ]
+        indexes = [models.Index(fields=["meter", "reading_at"], name="reading_meter_time")]
+
+
+class StatusKind(models.TextChoices):
+    ONLINE = "online", "Online"
+    OFFLINE = "offline", "Offline"
+    LOW_BALANCE = "low_balance", "Low balance"
+    ERROR = "error", "Error"
+
+
+class StatusEvent(models.Model):
+    meter = models.ForeignKey(Meter, on_delete=models.PROTECT, related_name="status_events")
+    status = models.CharField(max_length=16, choices=StatusKind.choices)
+    message = models.CharField(max_length=255, blank=True)
+    balance_kwh = kwh_field(null=True, blank=True)
+    wifi_rssi = models.IntegerField(null=True, blank=True)
+    relay = models.CharField(max_length=8, blank=True)
+    firmware = models.CharField(max_length=32, blank=True)
+    uptime_s = models.BigIntegerField(null=True, blank=True)
+    reset_reason = models.CharField(max_length=32, blank=True)
+    meter_timestamp_ms = models.BigIntegerField(null=True, blank=True)
+    received_at = models.DateTimeField(default=timezone.now, db_index=True)
+    raw_payload = models.TextField()
+
+    class Meta:
+        ordering = ["-id"]
+
+
+class CommandKind(models.TextChoices):
+    BALANCE = "balance", "Balance"
+    RELAY = "relay", "Relay"
+
+
+class CommandStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    SENT = "sent", "Sent (broker PUBACK)"
+    ACKNOWLEDGED = "acknowledged", "Acknowledged by meter"
+    SUPERSEDED = "superseded", "Superseded by a newer command"
+
+
+class MeterCommand(models.Model):
+    """Outbox of commands to meters. Rows are written in the transaction that decides them and
+    published after commit by the MQTT side; a row stays `queued` until the broker's PUBACK."""
+
+    meter = models.ForeignKey(Meter, on_delete=models.PROTECT, related_name="commands")
+    kind = models.CharField(max_length=8, choices=CommandKind.choices)
+    cmd_id = models.CharField(max_length=40, unique=True)
+    reason = models.CharField(max_length=32)
+    # Balance command: the ledger balance and the register it accounts up to, read together
+    # under the meter's lock so the pair is consistent (PROTOCOL.md reconciliation).
+    balance_kwh = kwh_field(null=True, blank=True)
+    energy_total_kwh = kwh_field(null=True, blank=True)
+    relay_state = models.CharField(max_length=8, blank=True)
+    issued_at = models.DateTimeField(default=timezone.now)
+    payload = models.TextField(blank=True, help_text="The exact JSON published")
+    status = models.CharField(max_length=16, choices=CommandStatus.choices, default=CommandStatus.QUEUED)
+    attempts = models.PositiveIntegerField(default=0)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    acknowledged_balance_kwh = kwh_field(null=True, blank=True)
+    actor = models.CharField(max_length=150, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [
+            models.Index(fields=["status", "id"], name="command_status_id"),
+            models.Index(fields=["meter", "status"], name="command_meter_status"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(kind="relay", relay_state__in=["on", "off", "auto"])
+                | Q(kind="balance", balance_kwh__isnull=False),
+                name="command_fields_match_kind",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.cmd_id} → {self.meter_id} ({self.status})"

@@ -1,0 +1,54 @@
+"""Live balances for the browser: one WebSocket per meter page.
+
+The consumer checks access once at connect with the same selector the views use, sends the
+current state from the database, then relays the events that services and the MQTT worker send
+to the meter's group after commit.
+"""
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from meters.errors import DomainError
+from meters.events import meter_group
+from meters.selectors import meter_balance_kes, meter_get_for_user
+
+
+@database_sync_to_async
+def _snapshot(user, meter_no: str) -> dict | None:
+    try:
+        meter = meter_get_for_user(user=user, meter_no=meter_no)
+    except DomainError:
+        return None
+    return {
+        "type": "snapshot",
+        "meterNo": meter.meter_no,
+        "balance": str(meter.balance_kwh),
+        "balanceKes": str(meter_balance_kes(meter)),
+        "online": meter.online,
+        "relay": meter.relay_state,
+        "lastSeen": meter.last_seen_at.isoformat() if meter.last_seen_at else None,
+    }
+
+
+class MeterLiveConsumer(AsyncJsonWebsocketConsumer):
+    async def connect(self):
+        user = self.scope.get("user")
+        self.meter_no = self.scope["url_route"]["kwargs"]["meter_no"]
+        if user is None or not user.is_authenticated:
+            await self.close(code=4401)
+            return
+        snapshot = await _snapshot(user, self.meter_no)
+        if snapshot is None:
+            await self.close(code=4404)
+            return
+        self.group = meter_group(self.meter_no)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+        await self.send_json(snapshot)
+
+    async def disconnect(self, code):
+        if hasattr(self, "group"):
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def meter_event(self, message):
+        await self.send_json(message["event"])

@@ -1,0 +1,192 @@
+"""Settings: everything from environment variables, with defaults that work on one machine.
+
+`.env.example` documents every variable. `make run` copies it to `.env` (git-ignored) and honcho
+loads it into every process; nothing here reads `.env` itself, so tests see only what they set.
+"""
+
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+
+from portal.env import (
+    database_from_url,
+    env_bool,
+    env_int,
+    env_list,
+    env_str,
+    mqtt_from_url,
+    redis_url_checked,
+)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DEBUG = env_bool("DEBUG", False)
+_DEV_SECRET = "dev-insecure-secret-key-only-for-DEBUG-True"
+SECRET_KEY = env_str("SECRET_KEY", _DEV_SECRET if DEBUG else None)
+if not DEBUG and (SECRET_KEY == _DEV_SECRET or len(SECRET_KEY) < 32):
+    raise ImproperlyConfigured("SECRET_KEY must be a random string of 32+ characters when DEBUG=False")
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "127.0.0.1,localhost")
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "http://127.0.0.1:8000,http://localhost:8000")
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "channels",
+    "portal",
+    "meters",
+    "payments",
+    "mqtt_worker",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "portal.urls"
+WSGI_APPLICATION = None
+ASGI_APPLICATION = "portal.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASE_URL = env_str("DATABASE_URL", "sqlite:///var/db.sqlite3")
+DATABASES = {"default": database_from_url("DATABASE_URL", DATABASE_URL, BASE_DIR)}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = redis_url_checked("REDIS_URL", env_str("REDIS_URL", "redis://127.0.0.1:6379/0"))
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": env_str("CACHE_KEY_PREFIX", "smartmeter"),
+    }
+}
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 30},
+    }
+}
+
+# Celery: the broker is Redis; results are not kept (tasks write their outcome to the database).
+CELERY_BROKER_URL = REDIS_URL
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+CELERY_TIMEZONE = "UTC"
+
+MQTT_URL = env_str("MQTT_URL", "mqtt://127.0.0.1:1883")
+MQTT = mqtt_from_url("MQTT_URL", MQTT_URL)
+MQTT_CA_FILE = env_str("MQTT_CA_FILE", " ").strip() or None
+MQTT_CLIENT_ID = env_str("MQTT_CLIENT_ID", "ingest-0")
+MQTT_SHARED_GROUP = env_str("MQTT_SHARED_GROUP", "ingest")
+MQTT_SESSION_EXPIRY_S = env_int("MQTT_SESSION_EXPIRY_S", 86400, minimum=0)
+MQTT_BATCH_SIZE = env_int("MQTT_BATCH_SIZE", 500, minimum=1)
+MQTT_BATCH_WAIT_MS = env_int("MQTT_BATCH_WAIT_MS", 10, minimum=0)
+MQTT_PUBLISHER_CLIENT_ID = env_str("MQTT_PUBLISHER_CLIENT_ID", "publisher")
+
+# M-Pesa Daraja. Defaults are Safaricom's public sandbox test values; production sets its own.
+MPESA_BASE_URL = env_str("MPESA_BASE_URL", "https://sandbox.safaricom.co.ke").rstrip("/")
+MPESA_CONSUMER_KEY = env_str("MPESA_CONSUMER_KEY", "dev-consumer-key")
+MPESA_CONSUMER_SECRET = env_str("MPESA_CONSUMER_SECRET", "dev-consumer-secret")
+MPESA_SHORTCODE = env_str("MPESA_SHORTCODE", "174379")
+MPESA_PASSKEY = env_str(
+    "MPESA_PASSKEY", "bfb279f9aa9bdbcf158e97dd71a467cd2e0c893059b10f78e6b72ada1ed2c919"
+)
+MPESA_TRANSACTION_TYPE = env_str("MPESA_TRANSACTION_TYPE", "paybill")
+if MPESA_TRANSACTION_TYPE not in ("paybill", "till"):
+    raise ImproperlyConfigured("MPESA_TRANSACTION_TYPE must be paybill or till")
+MPESA_TILL_NUMBER = env_str("MPESA_TILL_NUMBER", " ").strip()
+MPESA_C2B_VERSION = env_str("MPESA_C2B_VERSION", "v1")
+if MPESA_C2B_VERSION not in ("v1", "v2"):
+    raise ImproperlyConfigured("MPESA_C2B_VERSION must be v1 or v2")
+MPESA_CALLBACK_BASE_URL = env_str("MPESA_CALLBACK_BASE_URL", "http://127.0.0.1:8000").rstrip("/")
+MPESA_CALLBACK_SECRET = env_str("MPESA_CALLBACK_SECRET", "dev-callback-secret" if DEBUG else None)
+MPESA_CALLBACK_ALLOWED_IPS = env_list("MPESA_CALLBACK_ALLOWED_IPS", "")
+# How many reverse proxies stand in front of the web process; the client address is taken
+# from that hop of X-Forwarded-For, never from its leftmost (client-controlled) entry.
+TRUSTED_PROXY_HOPS = env_int("TRUSTED_PROXY_HOPS", 0, minimum=0)
+MPESA_MIN_AMOUNT_KES = env_int("MPESA_MIN_AMOUNT_KES", 1, minimum=1)
+MPESA_MAX_AMOUNT_KES = env_int("MPESA_MAX_AMOUNT_KES", 250000, minimum=1)
+MPESA_HTTP_TIMEOUT_S = env_int("MPESA_HTTP_TIMEOUT_S", 10, minimum=1)
+
+FIREBASE_CREDENTIALS = env_str("FIREBASE_CREDENTIALS", " ").strip() or None
+FIREBASE_DATABASE_URL = env_str("FIREBASE_DATABASE_URL", " ").strip() or None
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+WHITENOISE_USE_FINDERS = True
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "COERCE_DECIMAL_TO_STRING": True,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Prepaid smart-meter API",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(name)s %(levelname)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

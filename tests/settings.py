@@ -1,0 +1,19 @@
+"""Settings for the test suite: the project's settings with test defaults for what must be set.
+
+Real values still come from the environment (.ci/run sets DATABASE_URL, REDIS_URL, MQTT_URL);
+subprocesses that tests start (the MQTT worker, a Celery worker) inherit this module.
+"""
+
+import os
+
+os.environ.setdefault("SECRET_KEY", "test-secret-key-that-is-long-enough-for-django-checks")
+os.environ.setdefault("MPESA_CALLBACK_SECRET", "test-callback-secret")
+os.environ.setdefault("DEBUG", "False")
+
+from tests.support.provision import provision  # noqa: E402
+
+provision()
+
+from portal.settings import *  # noqa: E402,F403
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast hashes in tests only
