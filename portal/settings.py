@@ -104,6 +104,14 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_TIMEZONE = "UTC"
+# Periodic work (celery beat). Each task is a thin wrapper around a service and is safe to run
+# twice at once: the rows it works on are claimed atomically.
+CELERY_BEAT_SCHEDULE = {
+    # Outbox sweep: commands whose after-commit hint was lost (a crash) are published here.
+    "publish-pending-commands": {"task": "mqtt_worker.tasks.publish_pending_commands", "schedule": 5.0},
+    # M-Pesa: STK pushes still pending after ~90 s are queried with back-off.
+    "reconcile-pending-payments": {"task": "payments.tasks.reconcile_pending_payments", "schedule": 30.0},
+}
 
 MQTT_URL = env_str("MQTT_URL", "mqtt://127.0.0.1:1883")
 MQTT = mqtt_from_url("MQTT_URL", MQTT_URL)
