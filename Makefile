@@ -31,6 +31,7 @@ run: $(STAMP) .env
 	@bin/ensure-system-deps
 	@mkdir -p var
 	$(BIN)/honcho run python manage.py migrate --noinput
+	$(BIN)/honcho run python manage.py collectstatic --noinput --verbosity 0
 	$(BIN)/honcho run python manage.py seed_demo
 	@echo "Starting everything (Ctrl-C stops it all)..."
 	exec $(BIN)/honcho start -f Procfile
