@@ -1,7 +1,7 @@
 """Decide, once per test run, which Redis and Mosquitto the tests use.
 
-Called from tests/settings.py before the project's settings are read. If REDIS_URL / MQTT_URL
-are set, those services are used as they are. Otherwise the usual local ports are tried, and if
+Called from tests/settings.py before the project's settings are read. If DATABASE_URL /
+REDIS_URL / MQTT_URL are set, those services are used as they are. Otherwise the usual local ports are tried, and if
 nothing listens there a private process is started from the system's binary and its URL is put
 in the environment, so that subprocesses the tests start (a worker, a Celery worker) use it too.
 """
@@ -10,7 +10,7 @@ import atexit
 import os
 import shutil
 
-from tests.support.services import PrivateMosquitto, PrivateRedis, url_reachable
+from tests.support.services import PrivateMosquitto, PrivatePostgres, PrivateRedis, url_reachable
 
 _started = []
 
@@ -21,6 +21,13 @@ def _cleanup() -> None:
 
 
 def provision() -> None:
+    # The suite runs on PostgreSQL, as production does. Without DATABASE_URL a private cluster
+    # is started from the system's binaries; SQLITE_TESTS=1 runs the suite on SQLite instead.
+    if "DATABASE_URL" not in os.environ and os.environ.get("SQLITE_TESTS") != "1":
+        if PrivatePostgres.bindir() is not None:
+            postgres = PrivatePostgres().start()
+            _started.append(postgres)
+            os.environ["DATABASE_URL"] = postgres.url
     if "REDIS_URL" not in os.environ:
         local = "redis://127.0.0.1:6379/0"
         if url_reachable(local, 6379):

@@ -129,5 +129,53 @@ class PrivateRedis:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+@dataclass
+class PrivatePostgres:
+    """A throw-away PostgreSQL cluster from the system's binaries (initdb + pg_ctl).
+
+    PostgreSQL refuses to run as root, so as root the cluster runs as the `postgres` user.
+    """
+
+    port: int = field(default_factory=free_port)
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pg-")))
+
+    @staticmethod
+    def bindir() -> Path | None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        return found[-1].parent if found else None
+
+    @property
+    def url(self) -> str:
+        return f"postgres://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        command = list(args)
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+
+    def start(self) -> "PrivatePostgres":
+        bindir = self.bindir()
+        if bindir is None:
+            raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")
+        data = self.workdir / "data"
+        if os.geteuid() == 0:
+            shutil.chown(self.workdir, "postgres", "postgres")
+        self._run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        options = f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        self._run(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(self.workdir / "log"), "-w", "start")
+        wait_for_port("127.0.0.1", self.port)
+        return self
+
+    def close(self) -> None:
+        bindir = self.bindir()
+        if bindir is not None and (self.workdir / "data").exists():
+            try:
+                self._run(str(bindir / "pg_ctl"), "-D", str(self.workdir / "data"), "-m", "immediate", "stop")
+            except subprocess.SubprocessError:
+                pass
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
 def require_services() -> bool:
     return os.environ.get("REQUIRE_SERVICES") == "1"
