@@ -17,3 +17,9 @@ provision()
 from portal.settings import *  # noqa: E402,F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast hashes in tests only
+
+# One test database per pytest process, so that two runs on one PostgreSQL server (two
+# developers, or a run beside CI) never drop each other's database. Subprocesses that tests
+# start are given the test database's name explicitly.
+if DATABASES["default"]["ENGINE"].endswith("postgresql"):  # noqa: F405
+    DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}  # noqa: F405
