@@ -175,18 +175,41 @@ STORAGES = {
 WHITENOISE_USE_FINDERS = True
 
 REST_FRAMEWORK = {
+    # Token first: an unauthenticated API request gets 401 with WWW-Authenticate, not 403.
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "portal.authentication.ApiTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "portal.schema.ApiAutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "portal.pagination.ApiPagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "EXCEPTION_HANDLER": "portal.exceptions.api_exception_handler",
     "COERCE_DECIMAL_TO_STRING": True,
+    # Per-account and per-address sign-in attempts, and STK pushes started per user.
+    "DEFAULT_THROTTLE_RATES": {
+        "auth": env_str("API_THROTTLE_AUTH", "10/minute"),
+        "auth_ip": env_str("API_THROTTLE_AUTH_IP", "60/minute"),
+        "payments": env_str("API_THROTTLE_PAYMENTS", "10/minute"),
+    },
+    # The client address for throttling is taken from the trusted proxy hop, never from a
+    # client-supplied X-Forwarded-For (DRF's default when this is None).
+    "NUM_PROXIES": TRUSTED_PROXY_HOPS,
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Prepaid smart-meter API",
+    "DESCRIPTION": (
+        "REST API for the mobile app and the utility's tools. Sign in with POST /api/v1/auth/token/ and send "
+        "`Authorization: Bearer <token>`. Decimal values are strings (kWh with 6 places, KES with 2), times are "
+        "ISO 8601 UTC. Every error has the form "
+        '`{"error": {"code": "...", "message": "...", "field": "...", "details": {...}}}` (see Error).'
+    ),
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": "/api/v1",
+    "COMPONENT_SPLIT_REQUEST": True,
 }
 
 LOG_LEVEL = env_str("LOG_LEVEL", "INFO")

@@ -1,0 +1,151 @@
+"""Input and output shapes of the meters API. camelCase names as the mobile app's contract says;
+Decimal values as strings (kWh with 6 places, KES with 2), times ISO 8601 UTC.
+
+Serializers only shape and type-check; the rules live in meters.services.
+"""
+
+from django.contrib.auth.validators import UnicodeUsernameValidator
+from django.core.validators import RegexValidator
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from meters.models import METER_NO_REGEX, Customer, RelayOverride, Tariff
+from meters.selectors import meter_balance_kes
+
+KWH = {"max_digits": 18, "decimal_places": 6}
+KES = {"max_digits": 14, "decimal_places": 2}
+
+
+class TariffSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    kesPerKwh = serializers.DecimalField(source="kes_per_kwh", max_digits=10, decimal_places=4)
+
+
+class MeterSerializer(serializers.Serializer):
+    meterNo = serializers.CharField(source="meter_no")
+    balance = serializers.DecimalField(source="balance_kwh", help_text="Units (kWh) from the ledger", **KWH)
+    balanceKes = serializers.SerializerMethodField(help_text="What the balance is worth at the meter's tariff")
+    online = serializers.BooleanField()
+    relay = serializers.CharField(source="relay_state", help_text="on, off or unknown (last reported)")
+    relayOverride = serializers.CharField(source="relay_override", help_text="auto, on or off (staff override)")
+    lastSeen = serializers.DateTimeField(source="last_seen_at", allow_null=True)
+    tariff = TariffSerializer()
+    owner = serializers.IntegerField(source="owner_id", allow_null=True, help_text="Customer id")
+
+    @extend_schema_field(serializers.DecimalField(**KES))
+    def get_balanceKes(self, meter) -> str:
+        return str(meter_balance_kes(meter))
+
+
+class MeterCreateSerializer(serializers.Serializer):
+    meterNo = serializers.CharField(validators=[RegexValidator(METER_NO_REGEX, "1-32 of A-Z a-z 0-9 _ -")])
+    owner = serializers.PrimaryKeyRelatedField(queryset=Customer.objects.all(), allow_null=True)
+    tariff = serializers.PrimaryKeyRelatedField(
+        queryset=Tariff.objects.all(), required=False, help_text="Default: the newest tariff in effect"
+    )
+
+
+class MeterUpdateSerializer(serializers.Serializer):
+    owner = serializers.PrimaryKeyRelatedField(queryset=Customer.objects.all(), required=False)
+    tariff = serializers.PrimaryKeyRelatedField(queryset=Tariff.objects.all(), required=False)
+
+
+class LedgerEntrySerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    kind = serializers.CharField(help_text="payment_credit, consumption_debit or adjustment")
+    units = serializers.DecimalField(source="units_kwh", help_text="Signed: credits positive, debits negative", **KWH)
+    amountKes = serializers.DecimalField(source="amount_kes", allow_null=True, **KES)
+    reason = serializers.CharField()
+    actor = serializers.CharField()
+    createdAt = serializers.DateTimeField(source="created_at")
+
+
+class StatementEntrySerializer(LedgerEntrySerializer):
+    balanceAfter = serializers.DecimalField(source="balance_after_kwh", **KWH)
+
+
+class AdjustmentSerializer(serializers.Serializer):
+    units = serializers.DecimalField(help_text="Signed kWh, not zero", **KWH)
+    reason = serializers.CharField(max_length=255)
+
+
+class AdjustmentResultSerializer(serializers.Serializer):
+    entry = LedgerEntrySerializer()
+    balance = serializers.DecimalField(help_text="The meter's balance after the adjustment", **KWH)
+    created = serializers.BooleanField(help_text="False when an Idempotency-Key repeated an earlier adjustment")
+
+
+class RelaySerializer(serializers.Serializer):
+    state = serializers.ChoiceField(choices=RelayOverride.values)
+    reason = serializers.CharField(max_length=32)
+
+
+class CommandSerializer(serializers.Serializer):
+    cmdId = serializers.CharField(source="cmd_id")
+    kind = serializers.CharField()
+    reason = serializers.CharField()
+    status = serializers.CharField()
+    balance = serializers.DecimalField(source="balance_kwh", allow_null=True, **KWH)
+    relayState = serializers.CharField(source="relay_state")
+    issuedAt = serializers.DateTimeField(source="issued_at")
+
+
+class ReadingsQuerySerializer(serializers.Serializer):
+    # `from` is a Python keyword: the field is declared as from_ and renamed in get_fields.
+    from_ = serializers.DateTimeField(
+        required=False, help_text="Start (inclusive), ISO 8601. Default: `to` minus 1 day (hour) or 30 days (day)"
+    )
+    to = serializers.DateTimeField(required=False, help_text="End (exclusive), ISO 8601. Default: now")
+    bucket = serializers.ChoiceField(choices=["hour", "day"], default="hour")
+
+    def get_fields(self):
+        fields = super().get_fields()
+        fields["from"] = fields.pop("from_")
+        return fields
+
+    @staticmethod
+    def _in_range(value):
+        # Far-off years would overflow date arithmetic (defaults, bucket steps) and mean nothing here.
+        if not 2000 <= value.year <= 2999:
+            raise serializers.ValidationError("Must be between the years 2000 and 2999")
+        return value
+
+    def validate_from(self, value):
+        return self._in_range(value)
+
+    def validate_to(self, value):
+        return self._in_range(value)
+
+
+class ReadingBucketSerializer(serializers.Serializer):
+    start = serializers.DateTimeField()
+    units = serializers.DecimalField(help_text="Units the meter reported consumed (duplicates excluded)", **KWH)
+    debited = serializers.DecimalField(help_text="Units debited from the ledger for these reports", **KWH)
+    reports = serializers.IntegerField()
+
+
+class ReadingsSerializer(serializers.Serializer):
+    meterNo = serializers.CharField()
+    bucket = serializers.CharField()
+    start = serializers.DateTimeField(help_text="Start of the first bucket")
+    end = serializers.DateTimeField(help_text="End of the range (exclusive)")
+    totalUnits = serializers.DecimalField(**KWH)
+    results = ReadingBucketSerializer(many=True)
+
+
+class CustomerCreateSerializer(serializers.Serializer):
+    username = serializers.CharField(max_length=150, validators=[UnicodeUsernameValidator()])
+    password = serializers.CharField(write_only=True, max_length=128, style={"input_type": "password"})
+    name = serializers.CharField(max_length=120)
+    phone = serializers.CharField(max_length=20, help_text="07XXXXXXXX, 01XXXXXXXX, +2547… or 2547…")
+    email = serializers.EmailField(required=False, allow_blank=True, default="")
+
+
+class CustomerSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    username = serializers.CharField(source="user.username")
+    name = serializers.CharField()
+    phone = serializers.CharField()
+    email = serializers.CharField(source="user.email")
+    createdAt = serializers.DateTimeField(source="created_at")

@@ -1,0 +1,35 @@
+"""/api/v1/: the REST API for the mobile app and the utility's tools. The paths are a contract."""
+
+from django.urls import path, register_converter
+
+from meters import api as meters_api
+from portal import api as portal_api
+
+
+class MeterNoConverter:
+    # PROTOCOL.md meterNo; anything else cannot name a meter, so it is a 404 like any unknown path.
+    regex = r"[A-Za-z0-9_-]{1,32}"
+
+    def to_python(self, value: str) -> str:
+        return value
+
+    def to_url(self, value: str) -> str:
+        return value
+
+
+register_converter(MeterNoConverter, "meter_no")
+
+urlpatterns = [
+    path("auth/token/", portal_api.TokenView.as_view(), name="api-token"),
+    path("auth/tokens/", portal_api.TokenListView.as_view(), name="api-tokens"),
+    path("auth/tokens/<int:id>/", portal_api.TokenDetailView.as_view(), name="api-token-detail"),
+    path("me/", portal_api.MeView.as_view(), name="api-me"),
+    path("customers/", meters_api.CustomerCreateView.as_view(), name="api-customers"),
+    path("meters/", meters_api.MeterListView.as_view(), name="api-meters"),
+    path("meters/<meter_no:meterNo>/", meters_api.MeterDetailView.as_view(), name="api-meter"),
+    path("meters/<meter_no:meterNo>/readings/", meters_api.ReadingsView.as_view(), name="api-meter-readings"),
+    path("meters/<meter_no:meterNo>/statement/", meters_api.StatementView.as_view(), name="api-meter-statement"),
+    path("meters/<meter_no:meterNo>/adjustments/", meters_api.AdjustmentView.as_view(), name="api-meter-adjustments"),
+    path("meters/<meter_no:meterNo>/resync/", meters_api.ResyncView.as_view(), name="api-meter-resync"),
+    path("meters/<meter_no:meterNo>/relay/", meters_api.RelayView.as_view(), name="api-meter-relay"),
+]
