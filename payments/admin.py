@@ -1,0 +1,127 @@
+"""Staff view of M-Pesa: payments with their raw callbacks and audit trail, and the only staff
+changes to them, each through a service: "Query M-Pesa now", "Credit" and "Close with note" for
+payments that need review. Payments, callbacks and audit rows are never edited by hand here.
+"""
+
+from django import forms
+from django.contrib import admin, messages
+from django.shortcuts import render
+
+from meters.errors import DomainError
+from payments import services
+from payments.models import Callback, Payment, PaymentAudit, PaymentStatus
+
+
+class ReadOnlyMixin:
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+class CallbackInline(ReadOnlyMixin, admin.TabularInline):
+    model = Callback
+    fields = ["received_at", "kind", "status", "outcome", "error", "remote_addr", "body"]
+    readonly_fields = fields
+    extra = 0
+    show_change_link = True
+
+
+class AuditInline(ReadOnlyMixin, admin.TabularInline):
+    model = PaymentAudit
+    fields = ["created_at", "actor_name", "action", "from_status", "to_status", "note"]
+    readonly_fields = fields
+    extra = 0
+
+
+class ResolutionForm(forms.Form):
+    note = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3}), help_text="Why (kept with the payment and in the audit trail)"
+    )
+    receipt = forms.CharField(
+        required=False, max_length=32, help_text="Credit only: the M-Pesa receipt, if known (e.g. from the M-Pesa portal)"
+    )
+
+
+@admin.register(Payment)
+class PaymentAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    list_display = [
+        "id", "created_at", "meter", "channel", "status", "amount_kes", "units_kwh", "phone",
+        "mpesa_receipt", "checkout_request_id", "query_attempts",
+    ]
+    list_filter = ["status", "channel", "created_at"]
+    search_fields = ["meter__meter_no", "mpesa_receipt", "checkout_request_id", "c2b_trans_id", "phone", "bill_ref"]
+    date_hierarchy = "created_at"
+    inlines = [CallbackInline, AuditInline]
+    actions = ["query_now", "resolve_credit", "resolve_close"]
+
+    def has_resolve_permission(self, request):
+        # The form stays read-only (no change permission in the admin's sense); the actions,
+        # which change payments only through services, need staff with payments.change_payment.
+        return request.user.is_staff and request.user.has_perm("payments.change_payment")
+
+    @admin.action(description="Query M-Pesa now (STK pushes)", permissions=["resolve"])
+    def query_now(self, request, queryset):
+        for payment in queryset:
+            try:
+                result = services.payment_query(payment_id=payment.pk, actor=request.user)
+            except DomainError as error:
+                self.message_user(request, f"Payment {payment.pk}: {error.message}", messages.ERROR)
+                continue
+            self.message_user(request, f"Payment {payment.pk}: {result.get_status_display()}", messages.INFO)
+
+    def _resolve(self, request, queryset, *, credit: bool):
+        title = "Credit payments that need review" if credit else "Close payments that need review"
+        if "apply" in request.POST:
+            form = ResolutionForm(request.POST)
+            if form.is_valid():
+                for payment in queryset:
+                    try:
+                        if credit:
+                            services.payment_resolve_credit(
+                                payment_id=payment.pk, actor=request.user, note=form.cleaned_data["note"],
+                                receipt=form.cleaned_data["receipt"] or None,
+                            )
+                        else:
+                            services.payment_resolve_close(
+                                payment_id=payment.pk, actor=request.user, note=form.cleaned_data["note"]
+                            )
+                    except DomainError as error:
+                        self.message_user(request, f"Payment {payment.pk}: {error.message}", messages.ERROR)
+                        continue
+                    self.message_user(request, f"Payment {payment.pk} {'credited' if credit else 'closed'}", messages.SUCCESS)
+                return None
+        else:
+            form = ResolutionForm()
+        return render(request, "admin/payments/resolve.html", {
+            **self.admin_site.each_context(request), "title": title, "form": form, "payments": queryset,
+            "action": request.POST.get("action"), "credit": credit, "opts": self.model._meta,
+            "needs_review": PaymentStatus.NEEDS_REVIEW,
+        })
+
+    @admin.action(description="Resolve: credit the meter (needs review only)", permissions=["resolve"])
+    def resolve_credit(self, request, queryset):
+        return self._resolve(request, queryset, credit=True)
+
+    @admin.action(description="Resolve: close as failed with a note (needs review only)", permissions=["resolve"])
+    def resolve_close(self, request, queryset):
+        return self._resolve(request, queryset, credit=False)
+
+
+@admin.register(Callback)
+class CallbackAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    list_display = ["id", "received_at", "kind", "status", "outcome", "error", "remote_addr", "payment"]
+    list_filter = ["kind", "status", "received_at"]
+    search_fields = ["body", "error"]
+    date_hierarchy = "received_at"
+
+
+@admin.register(PaymentAudit)
+class PaymentAuditAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    list_display = ["created_at", "payment", "actor_name", "action", "from_status", "to_status", "note"]
+    list_filter = ["action"]
+    search_fields = ["note", "actor_name"]
