@@ -208,7 +208,8 @@ class ReadingsView(MeterView):
     )
     def get(self, request, meterNo):
         meter = self.get_meter()
-        query = ReadingsQuerySerializer(data=request.query_params)
+        # A plain dict, not the QueryDict: DRF treats an empty query value (`?bucket=`) as absent.
+        query = ReadingsQuerySerializer(data=request.query_params.dict())
         query.is_valid(raise_exception=True)
         bucket = query.validated_data["bucket"]
         end = query.validated_data.get("to") or timezone.now()

@@ -16,6 +16,27 @@ KWH = {"max_digits": 18, "decimal_places": 6}
 KES = {"max_digits": 14, "decimal_places": 2}
 
 
+class Text(serializers.CharField):
+    """A string field that takes only JSON strings (DRF's CharField also takes numbers)."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class DecimalText(serializers.DecimalField):
+    """A decimal given as a JSON string, as the API returns it: a JSON number would pass through
+    binary floating point in most clients, and accounting values must stay exact."""
+
+    default_error_messages = {"not_a_string": "Send decimal numbers as strings, e.g. \"12.50\""}
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("not_a_string")
+        return super().to_internal_value(data)
+
+
 class TariffSerializer(serializers.Serializer):
     id = serializers.IntegerField()
     name = serializers.CharField()
@@ -39,7 +60,7 @@ class MeterSerializer(serializers.Serializer):
 
 
 class MeterCreateSerializer(serializers.Serializer):
-    meterNo = serializers.CharField(validators=[RegexValidator(METER_NO_REGEX, "1-32 of A-Z a-z 0-9 _ -")])
+    meterNo = Text(validators=[RegexValidator(METER_NO_REGEX, "1-32 of A-Z a-z 0-9 _ -")])
     owner = serializers.PrimaryKeyRelatedField(queryset=Customer.objects.all(), allow_null=True)
     tariff = serializers.PrimaryKeyRelatedField(
         queryset=Tariff.objects.all(), required=False, help_text="Default: the newest tariff in effect"
@@ -66,8 +87,8 @@ class StatementEntrySerializer(LedgerEntrySerializer):
 
 
 class AdjustmentSerializer(serializers.Serializer):
-    units = serializers.DecimalField(help_text="Signed kWh, not zero", **KWH)
-    reason = serializers.CharField(max_length=255)
+    units = DecimalText(help_text="Signed kWh, not zero", **KWH)
+    reason = Text(max_length=255)
 
 
 class AdjustmentResultSerializer(serializers.Serializer):
@@ -78,7 +99,7 @@ class AdjustmentResultSerializer(serializers.Serializer):
 
 class RelaySerializer(serializers.Serializer):
     state = serializers.ChoiceField(choices=RelayOverride.values)
-    reason = serializers.CharField(max_length=32)
+    reason = Text(max_length=32)
 
 
 class CommandSerializer(serializers.Serializer):
@@ -135,10 +156,10 @@ class ReadingsSerializer(serializers.Serializer):
 
 
 class CustomerCreateSerializer(serializers.Serializer):
-    username = serializers.CharField(max_length=150, validators=[UnicodeUsernameValidator()])
-    password = serializers.CharField(write_only=True, max_length=128, style={"input_type": "password"})
-    name = serializers.CharField(max_length=120)
-    phone = serializers.CharField(max_length=20, help_text="07XXXXXXXX, 01XXXXXXXX, +2547… or 2547…")
+    username = Text(max_length=150, validators=[UnicodeUsernameValidator()])
+    password = Text(write_only=True, min_length=8, max_length=128, style={"input_type": "password"})
+    name = Text(max_length=120)
+    phone = Text(max_length=20, help_text="07XXXXXXXX, 01XXXXXXXX, +2547… or 2547…")
     email = serializers.EmailField(required=False, allow_blank=True, default="")
 
 

@@ -4,15 +4,18 @@ Tokens are per device (portal.models.ApiToken): POST auth/token/ issues one, DEL
 revokes the one the request was made with, auth/tokens/ lists and revokes the others.
 """
 
+import hashlib
+
 from django.contrib.auth import authenticate
 from django.http import JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import extend_schema
 from rest_framework import permissions, serializers, status, throttling
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from meters.errors import InvalidInput
-from meters.serializers import CustomerSerializer
+from meters.serializers import CustomerSerializer, Text
 from portal.exceptions import error_body
 from portal.models import ApiToken
 from portal.tokens import token_issue, token_revoke, tokens_for_user
@@ -29,7 +32,9 @@ class SignInThrottle(throttling.SimpleRateThrottle):
         username = request.data.get("username") if hasattr(request.data, "get") else None
         if not isinstance(username, str) or not username:
             return None
-        return self.cache_format % {"scope": self.scope, "ident": username.strip().lower()[:150]}
+        # Hashed: the username is client text and cache keys must be plain ASCII.
+        ident = hashlib.sha256(username.strip().lower().encode()).hexdigest()
+        return self.cache_format % {"scope": self.scope, "ident": ident}
 
 
 class SignInAddressThrottle(throttling.SimpleRateThrottle):
@@ -45,9 +50,9 @@ class SignInAddressThrottle(throttling.SimpleRateThrottle):
 
 
 class SignInSerializer(serializers.Serializer):
-    username = serializers.CharField(max_length=150)
-    password = serializers.CharField(max_length=128, style={"input_type": "password"})
-    device = serializers.CharField(
+    username = Text(max_length=150)
+    password = Text(max_length=128, style={"input_type": "password"})
+    device = Text(
         max_length=64, required=False, allow_blank=True, help_text="A name for this device, shown in auth/tokens/"
     )
 
@@ -144,6 +149,7 @@ class MeView(APIView):
         return Response(MeSerializer(body).data)
 
 
+@csrf_exempt  # an answer for any method; without this a POST would get the CSRF failure page
 def not_found(request, *args, **kwargs) -> JsonResponse:
     """Unknown paths under /api/ answer in the API's error format, not with an HTML page."""
     return JsonResponse(error_body("not_found", "No such API endpoint"), status=404)

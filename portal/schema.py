@@ -36,7 +36,8 @@ class ApiAutoSchema(AutoSchema):
         view = self.view
         has_body = self.method in ("POST", "PUT", "PATCH")
         codes = []
-        if has_body or getattr(view, "validates_query", False):
+        paginated = self._is_list_view() and self._get_paginator() is not None
+        if has_body or paginated or getattr(view, "validates_query", False):
             codes.append("400")
         if view.get_authenticators():
             codes.append("401")
