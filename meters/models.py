@@ -92,6 +92,13 @@ class Meter(models.Model):
     # The lifetime energy register (PROTOCOL.md `energyTotal`) up to which consumption has been
     # debited; NULL until the first report that carries one sets the baseline.
     last_energy_total_kwh = kwh_field(null=True, blank=True)
+    # The lowest register reading from which consumption has been debited (the start of the first
+    # accounted interval). With last_energy_total_kwh it bounds the accounted range, so a report
+    # that arrives late from before that range is charged once and one inside it never
+    # (mqtt_worker.accounting).
+    energy_floor_kwh = kwh_field(null=True, blank=True)
+    # The `seq` of the report that set last_energy_total_kwh: tells an old replay from a reset.
+    last_energy_seq = models.BigIntegerField(null=True, blank=True)
     last_reported_balance_kwh = kwh_field(null=True, blank=True)
     last_seen_at = models.DateTimeField(null=True, blank=True)
     online = models.BooleanField(default=False)
@@ -276,3 +283,24 @@ class MeterCommand(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.cmd_id} → {self.meter_id} ({self.status})"
+
+
+class FirebaseMirror(models.Model):
+    """Outbox of the Firebase mirror: one row per meter whose state changed, coalesced.
+
+    Writers bump `version` (set-based upsert, any number of changes per row); the mirror task
+    pushes the meter's current state and then sets `synced_version` to the version it read,
+    conditionally, so a change made while it pushed is pushed again. Pending: version > synced.
+    """
+
+    meter = models.OneToOneField(Meter, on_delete=models.CASCADE, primary_key=True, related_name="firebase_mirror")
+    version = models.BigIntegerField(default=1)
+    synced_version = models.BigIntegerField(default=0)
+    marked_at = models.DateTimeField(default=timezone.now)
+    synced_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["marked_at"], name="firebase_mirror_marked")]
+
+    def __str__(self) -> str:
+        return f"{self.meter_id} v{self.version} (synced v{self.synced_version})"

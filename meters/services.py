@@ -16,7 +16,7 @@ from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from django.contrib.auth import get_user_model
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -27,6 +27,7 @@ from meters.models import (
     KWH_QUANTUM,
     CommandKind,
     Customer,
+    FirebaseMirror,
     LedgerEntry,
     LedgerKind,
     Meter,
@@ -307,3 +308,31 @@ def meter_update(*, meter_no: str, owner: Customer | None = None, tariff: Tariff
         if fields:
             meter.save(update_fields=fields)
         return meter
+
+
+def firebase_mirror_mark(*, meter_ids: list[int], at=None) -> None:
+    """Mark meters for the Firebase mirror (meters.models.FirebaseMirror): one row per meter,
+    its version bumped by any number of changes, in one statement for the whole list.
+
+    Call inside the transaction that changed the meters, so the mark commits with the change.
+    """
+    ids = sorted({int(meter_id) for meter_id in meter_ids})
+    if not ids:
+        return
+    at = at or timezone.now()
+    table = FirebaseMirror._meta.db_table
+    upsert = (
+        f" ON CONFLICT (meter_id) DO UPDATE SET version = {table}.version + 1, marked_at = excluded.marked_at"
+    )
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                f"INSERT INTO {table} (meter_id, version, synced_version, marked_at)"
+                " SELECT id, 1, 0, %s FROM unnest(%s::bigint[]) AS t(id)" + upsert,
+                [at, ids],
+            )
+        else:
+            cursor.executemany(
+                f"INSERT INTO {table} (meter_id, version, synced_version, marked_at) VALUES (%s, 1, 0, %s)" + upsert,
+                [(meter_id, at) for meter_id in ids],
+            )

@@ -1,0 +1,303 @@
+"""The meter ⇄ backend wire format (../shared/PROTOCOL.md): topics, payload validation, commands.
+
+No Django here: the simulator and the benchmarks use this module alone.
+
+Numbers are exact. orjson (≈5× faster than `json`, which matters at 10,000 reports/s) hands
+non-integers over as binary doubles; `Decimal(repr(x))` turns such a double back into the
+shortest decimal text that parses to it, which for any JSON number of up to 15 significant
+digits (DBL_DIG) is numerically the number the meter wrote. Values are then quantized to the
+ledger's 6 places (kWh) with banker's rounding; nothing in accounting ever does arithmetic on a
+binary double. Commands are written the other way: Decimal → JSON number text, never a double.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+
+import orjson
+
+MAX_PAYLOAD_BYTES = 1024
+KWH = Decimal("0.000001")
+# Far above any real register or balance, well inside the database column (12 integer digits).
+MAX_KWH = Decimal("1000000000")
+MAX_INT = 2**63 - 1
+# PROTOCOL.md: a timestamp below 1e12 ms is "milliseconds since boot": time unknown.
+TRUSTED_TIME_MIN_MS = 10**12
+# The last millisecond of year 9999: a later "timestamp" is not a time at all.
+MAX_TIMESTAMP_MS = 253402300799999
+
+METER_NO = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+TOPIC_PREFIX = "smartmeter"
+REPORT_KINDS = ("consumption", "status", "balance")
+COMMAND_KINDS = ("balance", "relay")
+STATUSES = ("online", "offline", "low_balance", "error")
+RELAY_REPORTED = ("on", "off")
+RELAY_COMMANDS = ("on", "off", "auto")
+
+
+class CodecError(ValueError):
+    """Why a message cannot be accepted; the text goes into the dead letter as its reason."""
+
+
+# --- topics -----------------------------------------------------------------------------------
+
+
+def report_topic(meter_no: str, kind: str) -> str:
+    if kind not in REPORT_KINDS:
+        raise CodecError(f"unknown report kind {kind!r}")
+    return f"{TOPIC_PREFIX}/{_meter_no(meter_no)}/{kind}"
+
+
+def command_topic(meter_no: str, kind: str) -> str:
+    if kind not in COMMAND_KINDS:
+        raise CodecError(f"unknown command kind {kind!r}")
+    return f"{TOPIC_PREFIX}/{_meter_no(meter_no)}/command/{kind}"
+
+
+def shared_subscriptions(group: str) -> list[str]:
+    """The worker's subscriptions: MQTT v5 shared, so N workers split the load."""
+    if not group or any(char in group for char in "/+#"):
+        raise CodecError(f"invalid shared-subscription group {group!r}")
+    return [f"$share/{group}/{TOPIC_PREFIX}/+/{kind}" for kind in REPORT_KINDS]
+
+
+def parse_topic(topic: str) -> tuple[str, str]:
+    """`smartmeter/{meterNo}/{consumption|status|balance}` → (meterNo, kind)."""
+    parts = topic.split("/")
+    if len(parts) != 3 or parts[0] != TOPIC_PREFIX or parts[2] not in REPORT_KINDS:
+        raise CodecError(f"not a report topic: {topic!r}")
+    if not METER_NO.fullmatch(parts[1]):
+        raise CodecError(f"invalid meterNo in topic: {parts[1]!r}")
+    return parts[1], parts[2]
+
+
+def parse_command_topic(topic: str) -> tuple[str, str]:
+    """`smartmeter/{meterNo}/command/{balance|relay}` → (meterNo, kind)."""
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != TOPIC_PREFIX or parts[2] != "command" or parts[3] not in COMMAND_KINDS:
+        raise CodecError(f"not a command topic: {topic!r}")
+    if not METER_NO.fullmatch(parts[1]):
+        raise CodecError(f"invalid meterNo in topic: {parts[1]!r}")
+    return parts[1], parts[3]
+
+
+def _meter_no(meter_no: str) -> str:
+    if not isinstance(meter_no, str) or not METER_NO.fullmatch(meter_no):
+        raise CodecError(f"invalid meterNo {meter_no!r}")
+    return meter_no
+
+
+# --- reports ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumptionReport:
+    meter_no: str
+    units_consumed_kwh: Decimal
+    remaining_balance_kwh: Decimal
+    total_consumed_kwh: Decimal
+    timestamp_ms: int
+    seq: int | None = None
+    energy_total_kwh: Decimal | None = None
+
+    @property
+    def time_trusted(self) -> bool:
+        return self.timestamp_ms >= TRUSTED_TIME_MIN_MS
+
+    @property
+    def dedup_key(self) -> str:
+        """The report's identity (PROTOCOL.md): its seq if sent, else (timestamp, totalConsumed)."""
+        if self.seq is not None:
+            return f"s:{self.seq}"
+        return f"t:{self.timestamp_ms}:{self.total_consumed_kwh}"
+
+
+@dataclass(frozen=True, slots=True)
+class StatusUpdate:
+    meter_no: str
+    status: str
+    message: str = ""
+    balance_kwh: Decimal | None = None
+    wifi_rssi: int | None = None
+    timestamp_ms: int | None = None
+    relay: str = ""
+    firmware: str = ""
+    uptime_s: int | None = None
+    reset_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceReport:
+    meter_no: str
+    balance_kwh: Decimal
+    timestamp_ms: int | None = None
+    cmd_id: str = ""
+
+
+Report = ConsumptionReport | StatusUpdate | BalanceReport
+
+_MISSING = object()
+
+
+def _number(data: dict, name: str, *, required: bool = True, minimum: Decimal | None = None):
+    value = data.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        if required:
+            raise CodecError(f"{name} is required")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CodecError(f"{name} must be a number, got {type(value).__name__}")
+    try:
+        # repr of a double is its shortest round-tripping decimal text (see the module note).
+        number = Decimal(value) if isinstance(value, int) else Decimal(repr(value))
+    except InvalidOperation:
+        raise CodecError(f"{name} is not a number: {value!r}") from None
+    if not number.is_finite():
+        raise CodecError(f"{name} must be finite, got {value!r}")
+    if abs(number) > MAX_KWH:
+        raise CodecError(f"{name} is out of range: {value!r}")
+    if minimum is not None and number < minimum:
+        raise CodecError(f"{name} must be ≥ {minimum}, got {value!r}")
+    return number.quantize(KWH, rounding=ROUND_HALF_EVEN)
+
+
+def _integer(data: dict, name: str, *, required: bool, minimum: int | None = 0, maximum: int = MAX_INT):
+    value = data.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        if required:
+            raise CodecError(f"{name} is required")
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 1698765432000.0 is the same instant; JavaScript meters may write it
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CodecError(f"{name} must be an integer, got {value!r}")
+    if (minimum is not None and value < minimum) or abs(value) > maximum:
+        raise CodecError(f"{name} is out of range: {value!r}")
+    return value
+
+
+def _string(data: dict, name: str, *, max_length: int, choices: tuple[str, ...] | None = None) -> str:
+    value = data.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise CodecError(f"{name} must be a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise CodecError(f"{name} contains a NUL character")
+    if choices is not None and value not in choices:
+        raise CodecError(f"{name} must be one of {', '.join(choices)}, got {value[:40]!r}")
+    return value[:max_length]
+
+
+def decode(topic: str, payload: bytes) -> Report:
+    """Validate one message exactly per PROTOCOL.md; raise CodecError with the reason."""
+    meter_no, kind = parse_topic(topic)
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise CodecError(f"payload is {len(payload)} bytes, more than {MAX_PAYLOAD_BYTES}")
+    try:
+        data = orjson.loads(payload)  # also rejects invalid UTF-8, NaN and Infinity
+    except orjson.JSONDecodeError as error:
+        raise CodecError(f"invalid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise CodecError(f"payload must be a JSON object, got {type(data).__name__}")
+    sender = data.get("meterNo")
+    if not isinstance(sender, str):
+        raise CodecError("meterNo is required and must be a string")
+    if sender != meter_no:
+        raise CodecError(f"meterNo {sender[:40]!r} differs from the topic's {meter_no!r}")
+    if kind == "consumption":
+        return ConsumptionReport(
+            meter_no=meter_no,
+            units_consumed_kwh=_number(data, "unitsConsumed", minimum=Decimal(0)),
+            remaining_balance_kwh=_number(data, "remainingBalance"),
+            total_consumed_kwh=_number(data, "totalConsumed", minimum=Decimal(0)),
+            timestamp_ms=_integer(data, "timestamp", required=True, maximum=MAX_TIMESTAMP_MS),
+            seq=_integer(data, "seq", required=False),
+            energy_total_kwh=_number(data, "energyTotal", required=False, minimum=Decimal(0)),
+        )
+    if kind == "status":
+        status = data.get("status")
+        if status not in STATUSES:
+            raise CodecError(f"status must be one of {', '.join(STATUSES)}, got {str(status)[:40]!r}")
+        return StatusUpdate(
+            meter_no=meter_no,
+            status=status,
+            message=_string(data, "message", max_length=255),
+            balance_kwh=_number(data, "balance", required=False),
+            wifi_rssi=_integer(data, "wifi_rssi", required=False, minimum=-1000),
+            timestamp_ms=_integer(data, "timestamp", required=False, maximum=MAX_TIMESTAMP_MS),
+            relay=_string(data, "relay", max_length=8, choices=RELAY_REPORTED),
+            firmware=_string(data, "fw", max_length=32),
+            uptime_s=_integer(data, "uptime", required=False),
+            reset_reason=_string(data, "resetReason", max_length=32),
+        )
+    return BalanceReport(
+        meter_no=meter_no,
+        balance_kwh=_number(data, "balance"),
+        timestamp_ms=_integer(data, "timestamp", required=False, maximum=MAX_TIMESTAMP_MS),
+        cmd_id=_string(data, "cmdId", max_length=40),
+    )
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def decimal_text(value: Decimal) -> str:
+    """A Decimal as JSON number text without exponent or trailing zeros: 10.500000 → 10.5."""
+    if not isinstance(value, Decimal) or not value.is_finite():
+        raise CodecError(f"not a finite Decimal: {value!r}")
+    text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "0") else text
+
+
+def _json_str(value: str) -> str:
+    return orjson.dumps(value).decode()
+
+
+def encode_balance_command(
+    *,
+    balance_kwh: Decimal,
+    timestamp_ms: int,
+    energy_total_kwh: Decimal | None = None,
+    cmd_id: str | None = None,
+    reason: str | None = None,
+) -> bytes:
+    """`{"balance": 10.5, "timestamp": 1698765432000}` (the seed's schema) plus the ext fields."""
+    parts = [f'"balance":{decimal_text(balance_kwh)}', f'"timestamp":{int(timestamp_ms)}']
+    if energy_total_kwh is not None:
+        parts.append(f'"energyTotal":{decimal_text(energy_total_kwh)}')
+    if cmd_id:
+        parts.append(f'"cmdId":{_json_str(cmd_id)}')
+    if reason:
+        parts.append(f'"reason":{_json_str(reason)}')
+    return ("{" + ",".join(parts) + "}").encode()
+
+
+def encode_relay_command(*, state: str, timestamp_ms: int, cmd_id: str | None = None, reason: str | None = None) -> bytes:
+    if state not in RELAY_COMMANDS:
+        raise CodecError(f"relay state must be one of {', '.join(RELAY_COMMANDS)}, got {state!r}")
+    parts = [f'"state":{_json_str(state)}']
+    if reason:
+        parts.append(f'"reason":{_json_str(reason)}')
+    if cmd_id:
+        parts.append(f'"cmdId":{_json_str(cmd_id)}')
+    parts.append(f'"timestamp":{int(timestamp_ms)}')
+    return ("{" + ",".join(parts) + "}").encode()
+
+
+def encode_consumption_report(report: ConsumptionReport) -> bytes:
+    """For simulators, tests and benchmarks: a report as a meter sends it."""
+    parts = [
+        f'"meterNo":{_json_str(report.meter_no)}',
+        f'"unitsConsumed":{decimal_text(report.units_consumed_kwh)}',
+        f'"remainingBalance":{decimal_text(report.remaining_balance_kwh)}',
+        f'"totalConsumed":{decimal_text(report.total_consumed_kwh)}',
+        f'"timestamp":{int(report.timestamp_ms)}',
+    ]
+    if report.seq is not None:
+        parts.append(f'"seq":{int(report.seq)}')
+    if report.energy_total_kwh is not None:
+        parts.append(f'"energyTotal":{decimal_text(report.energy_total_kwh)}')
+    return ("{" + ",".join(parts) + "}").encode()

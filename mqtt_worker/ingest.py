@@ -1,0 +1,390 @@
+"""Batched ingest: a batch of MQTT messages → one transaction of set-based statements.
+
+Per batch: decode every message (bad ones become dead letters), lock the batch's meters in id
+order (the services lock one meter row, so nobody deadlocks), read which report identities are
+already stored, decide every debit in Python under those locks (mqtt_worker.accounting), then
+write readings, ledger entries and meter rows with one statement each (PostgreSQL: `unnest()`
+arrays; SQLite, the development default: bulk_create / executemany, same rows). Status updates,
+balance reports, dead letters and the Firebase-mirror outbox go in the same transaction, so a
+message's effects are committed together and the worker acks the batch only after that.
+
+The rows written are exactly those `meters.services.ledger_debit` would write (kind, sign,
+actor "meter", idempotency key per reading identity); commands still go through
+`meters.services.meter_command_queue_balance`, the one entry point for the outbox.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import psycopg
+from django.db import DataError, IntegrityError, connection, transaction
+from django.utils import timezone
+
+from meters.models import CommandKind, CommandStatus, LedgerEntry, LedgerKind, Meter, MeterCommand, Reading, StatusEvent
+from meters.services import firebase_mirror_mark, meter_command_queue_balance
+from mqtt_worker.accounting import ZERO, MeterState, charge
+from mqtt_worker.codec import BalanceReport, CodecError, ConsumptionReport, StatusUpdate, decimal_text, decode
+from mqtt_worker.models import DeadLetter
+
+logger = logging.getLogger("mqtt_worker")
+
+# remainingBalance farther than this from the ledger → a `resync` balance command, at most one
+# per meter per RESYNC_INTERVAL (a meter that keeps drifting must not flood itself with commands).
+RESYNC_TOLERANCE_KWH = Decimal("0.01")
+RESYNC_INTERVAL = timedelta(minutes=10)
+WORKER_ACTOR = "mqtt-worker"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    topic: str
+    payload: bytes
+
+
+@dataclass
+class BatchResult:
+    consumption: int = 0
+    duplicates: int = 0
+    statuses: int = 0
+    balance_reports: int = 0
+    dead_letters: int = 0
+    debited_kwh: Decimal = ZERO
+    # Live events, one per meter and kind, for after commit (meters.events.send_meter_events).
+    events: list[dict] = field(default_factory=list)
+    # Seed-style log lines ("Consumption report - Meter: METER001, Units: 0.0048").
+    lines: list[str] = field(default_factory=list)
+
+    def merge(self, other: BatchResult) -> None:
+        self.consumption += other.consumption
+        self.duplicates += other.duplicates
+        self.statuses += other.statuses
+        self.balance_reports += other.balance_reports
+        self.dead_letters += other.dead_letters
+        self.debited_kwh += other.debited_kwh
+        self.events.extend(other.events)
+        self.lines.extend(other.lines)
+
+
+def ingest_batch(messages: list[Message], *, client_id: str = "") -> BatchResult:
+    """Apply a batch in one transaction. Raises only OperationalError/InterfaceError (the
+    database is unreachable: the caller retries the same batch, unacked)."""
+    try:
+        return _ingest(messages, client_id)
+    except (IntegrityError, DataError) as error:
+        # A row the database refuses (a constraint we did not foresee): find the message that
+        # causes it instead of retrying the batch forever, and dead-letter only that one.
+        if len(messages) > 1:
+            logger.warning("Batch of %d refused by the database (%s); applying one by one", len(messages), error)
+            result = BatchResult()
+            for message in messages:
+                result.merge(ingest_batch([message], client_id=client_id))
+            return result
+        reason = f"rejected by the database: {error}".replace("\n", " ")[:255]
+        with transaction.atomic():
+            _store_dead_letters([(messages[0], reason)], client_id, timezone.now())
+        return BatchResult(dead_letters=1, lines=[f"Dead letter - {messages[0].topic}: {reason}"])
+
+
+def _ingest(messages: list[Message], client_id: str) -> BatchResult:
+    now = timezone.now()
+    result = BatchResult()
+    dead: list[tuple[Message, str]] = []
+    decoded: list[tuple[Message, ConsumptionReport | StatusUpdate | BalanceReport]] = []
+    for message in messages:
+        try:
+            decoded.append((message, decode(message.topic, message.payload)))
+        except CodecError as error:
+            dead.append((message, str(error)[:255]))
+
+    with transaction.atomic():
+        states, extra = _lock_meters({report.meter_no for _, report in decoded})
+        consumption: list[tuple[Message, ConsumptionReport]] = []
+        statuses: list[tuple[Message, StatusUpdate]] = []
+        balances: list[tuple[Message, BalanceReport]] = []
+        for message, report in decoded:
+            if report.meter_no not in states:
+                dead.append((message, f"unknown meter {report.meter_no}"))
+            elif isinstance(report, ConsumptionReport):
+                consumption.append((message, report))
+            elif isinstance(report, StatusUpdate):
+                statuses.append((message, report))
+            else:
+                balances.append((message, report))
+        touched: set[int] = set()
+        if consumption:
+            _apply_consumption(consumption, states, extra, now, result)
+            touched.update(states[report.meter_no].meter_id for _, report in consumption)
+        if statuses:
+            _apply_statuses(statuses, states, now, result)
+            touched.update(states[report.meter_no].meter_id for _, report in statuses)
+        if balances:
+            _apply_balance_reports(balances, states, now, result)
+        if dead:
+            _store_dead_letters(dead, client_id, now)
+        if touched:
+            firebase_mirror_mark(meter_ids=sorted(touched), at=now)
+    result.dead_letters = len(dead)
+    for message, reason in dead:
+        result.lines.append(f"Dead letter - {message.topic}: {reason}")
+    return result
+
+
+@dataclass
+class _MeterRow:
+    last_resync_at: datetime | None
+
+
+def _lock_meters(meter_nos: set[str]) -> tuple[dict[str, MeterState], dict[str, _MeterRow]]:
+    if not meter_nos:
+        return {}, {}
+    rows = (
+        Meter.objects.select_for_update()
+        .filter(meter_no__in=meter_nos)
+        .order_by("id")
+        .values_list(
+            "id", "meter_no", "balance_kwh", "last_energy_total_kwh", "energy_floor_kwh", "last_energy_seq",
+            "anomaly", "last_resync_at",
+        )
+    )
+    states, extra = {}, {}
+    for meter_id, meter_no, balance, high, floor, seq, anomaly, last_resync_at in rows:
+        states[meter_no] = MeterState(meter_id, meter_no, balance, high, floor, seq, anomaly)
+        extra[meter_no] = _MeterRow(last_resync_at)
+    return states, extra
+
+
+def _load_seen_keys(states: dict[str, MeterState], reports: list[ConsumptionReport]) -> None:
+    pairs = {(states[r.meter_no].meter_id, r.dedup_key) for r in reports}
+    by_id = {state.meter_id: state for state in states.values()}
+    if connection.vendor == "postgresql":
+        ids, keys = zip(*pairs, strict=True)
+        with _pg_cursor() as cursor:
+            cursor.execute(
+                f"SELECT r.meter_id, r.dedup_key FROM {Reading._meta.db_table} r"
+                " JOIN unnest(%s::bigint[], %s::text[]) AS t(meter_id, dedup_key)"
+                " ON r.meter_id = t.meter_id AND r.dedup_key = t.dedup_key WHERE NOT r.is_duplicate",
+                [list(ids), list(keys)],
+            )
+            found = cursor.fetchall()
+    else:
+        found = Reading.objects.filter(
+            meter_id__in={meter_id for meter_id, _ in pairs},
+            dedup_key__in={key for _, key in pairs},
+            is_duplicate=False,
+        ).values_list("meter_id", "dedup_key")
+    for meter_id, key in found:
+        if (meter_id, key) in pairs:
+            by_id[meter_id].seen_keys.add(key)
+
+
+def _apply_consumption(
+    items: list[tuple[Message, ConsumptionReport]],
+    states: dict[str, MeterState],
+    extra: dict[str, _MeterRow],
+    now: datetime,
+    result: BatchResult,
+) -> None:
+    _load_seen_keys(states, [report for _, report in items])
+    readings, debits = [], []
+    last: dict[str, tuple[ConsumptionReport, Decimal]] = {}
+    debited: Counter[str] = Counter()
+    anomalies: dict[str, str] = {}
+    for message, report in items:
+        state = states[report.meter_no]
+        outcome = charge(state, report)
+        reading_at = _utc_from_ms(report.timestamp_ms) if report.time_trusted else now
+        readings.append(
+            (
+                state.meter_id, reading_at, report.time_trusted, report.timestamp_ms, report.units_consumed_kwh,
+                report.remaining_balance_kwh, report.total_consumed_kwh, report.seq, report.energy_total_kwh,
+                report.dedup_key, outcome.is_duplicate, outcome.debit_kwh, message.payload.decode(),
+            )
+        )
+        if outcome.debit_kwh > 0:
+            debits.append((state.meter_id, -outcome.debit_kwh, f"reading:{state.meter_id}:{report.dedup_key}"))
+            debited[report.meter_no] += outcome.debit_kwh
+        if outcome.anomaly:
+            anomalies[report.meter_no] = outcome.anomaly
+            logger.warning("Anomaly - Meter: %s, %s", report.meter_no, outcome.anomaly)
+        last[report.meter_no] = (report, outcome.balance_after_kwh)
+        result.consumption += 1
+        result.duplicates += outcome.is_duplicate
+        result.lines.append(
+            f"Consumption report - Meter: {report.meter_no}, Units: {decimal_text(report.units_consumed_kwh)}"
+            + (" (duplicate)" if outcome.is_duplicate else "")
+        )
+    meter_rows = [
+        (
+            states[meter_no].meter_id, debited[meter_no], states[meter_no].energy_high_kwh,
+            states[meter_no].energy_floor_kwh, states[meter_no].energy_seq, report.remaining_balance_kwh,
+            states[meter_no].anomaly[:200],
+        )
+        for meter_no, (report, _) in last.items()
+    ]
+    if connection.vendor == "postgresql":
+        _write_consumption_pg(readings, debits, meter_rows, now)
+    else:
+        _write_consumption_orm(readings, debits, meter_rows, now)
+    result.debited_kwh += sum(debited.values(), ZERO)
+
+    drifting = [
+        meter_no
+        for meter_no, (report, balance) in last.items()
+        if abs(report.remaining_balance_kwh - balance) > RESYNC_TOLERANCE_KWH
+        and (extra[meter_no].last_resync_at is None or now - extra[meter_no].last_resync_at >= RESYNC_INTERVAL)
+    ]
+    for meter_no in drifting:
+        meter_command_queue_balance(meter_no=meter_no, reason="resync", actor=WORKER_ACTOR)
+        logger.info("Resync - Meter: %s, reported %s, ledger %s", meter_no, last[meter_no][0].remaining_balance_kwh,
+                    last[meter_no][1])
+    if drifting:
+        Meter.objects.filter(id__in=[states[n].meter_id for n in drifting]).update(last_resync_at=now)
+    for meter_no, (report, balance) in last.items():
+        text = str(balance)
+        result.events.append({"meterNo": meter_no, "type": "balance", "balance": text, "kind": LedgerKind.CONSUMPTION_DEBIT})
+        result.events.append(
+            {
+                "meterNo": meter_no, "type": "reading", "balance": text, "debit": str(debited[meter_no]),
+                "remainingBalance": str(report.remaining_balance_kwh), "energyTotal":
+                None if report.energy_total_kwh is None else str(report.energy_total_kwh), "at": now.isoformat(),
+            }
+        )
+
+
+def _utc_from_ms(timestamp_ms: int) -> datetime:
+    seconds, millis = divmod(timestamp_ms, 1000)
+    return datetime.fromtimestamp(seconds, tz=UTC).replace(microsecond=millis * 1000)
+
+
+def _pg_cursor():
+    # A server-side-binding cursor on Django's own connection (same transaction): arrays go to
+    # PostgreSQL as typed parameters instead of being rendered into SQL text client-side.
+    return psycopg.Cursor(connection.connection)
+
+
+def _write_consumption_pg(readings: list, debits: list, meter_rows: list, now: datetime) -> None:
+    reading_table, ledger_table, meter_table = Reading._meta.db_table, LedgerEntry._meta.db_table, Meter._meta.db_table
+    columns = [list(column) for column in zip(*readings, strict=True)]
+    with _pg_cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {reading_table} (received_at, meter_id, reading_at, time_trusted, meter_timestamp_ms,"
+            " units_consumed_kwh, remaining_balance_kwh, total_consumed_kwh, seq, energy_total_kwh, dedup_key,"
+            " is_duplicate, debit_kwh, raw_payload)"
+            " SELECT %s, * FROM unnest(%s::bigint[], %s::timestamptz[], %s::boolean[], %s::bigint[], %s::numeric[],"
+            " %s::numeric[], %s::numeric[], %s::bigint[], %s::numeric[], %s::text[], %s::boolean[], %s::numeric[],"
+            " %s::text[])",
+            [now, *columns],
+        )
+        if debits:
+            ids, units, keys = (list(column) for column in zip(*debits, strict=True))
+            cursor.execute(
+                f"INSERT INTO {ledger_table} (kind, reason, actor, created_at, meter_id, units_kwh, idempotency_key)"
+                " SELECT %s, '', 'meter', %s, * FROM unnest(%s::bigint[], %s::numeric[], %s::text[])",
+                [LedgerKind.CONSUMPTION_DEBIT, now, ids, units, keys],
+            )
+        ids, debit, high, floor, seq, reported, anomaly = (list(column) for column in zip(*meter_rows, strict=True))
+        cursor.execute(
+            f"UPDATE {meter_table} AS m SET balance_kwh = m.balance_kwh - t.debit, last_energy_total_kwh = t.high,"
+            " energy_floor_kwh = t.floor, last_energy_seq = t.seq, last_reported_balance_kwh = t.reported,"
+            " anomaly = t.anomaly, last_seen_at = %s"
+            " FROM unnest(%s::bigint[], %s::numeric[], %s::numeric[], %s::numeric[], %s::bigint[], %s::numeric[],"
+            " %s::text[]) AS t(id, debit, high, floor, seq, reported, anomaly) WHERE m.id = t.id",
+            [now, ids, debit, high, floor, seq, reported, anomaly],
+        )
+
+
+def _write_consumption_orm(readings: list, debits: list, meter_rows: list, now: datetime) -> None:
+    Reading.objects.bulk_create(
+        Reading(
+            received_at=now, meter_id=meter_id, reading_at=reading_at, time_trusted=trusted, meter_timestamp_ms=ts,
+            units_consumed_kwh=units, remaining_balance_kwh=remaining, total_consumed_kwh=total, seq=seq,
+            energy_total_kwh=energy, dedup_key=key, is_duplicate=duplicate, debit_kwh=debit, raw_payload=raw,
+        )
+        for meter_id, reading_at, trusted, ts, units, remaining, total, seq, energy, key, duplicate, debit, raw in readings
+    )
+    LedgerEntry.objects.bulk_create(
+        LedgerEntry(
+            meter_id=meter_id, kind=LedgerKind.CONSUMPTION_DEBIT, units_kwh=units, idempotency_key=key, actor="meter",
+            created_at=now,
+        )
+        for meter_id, units, key in debits
+    )
+    with connection.cursor() as cursor:
+        cursor.executemany(
+            f"UPDATE {Meter._meta.db_table} SET balance_kwh = balance_kwh - %s, last_energy_total_kwh = %s,"
+            " energy_floor_kwh = %s, last_energy_seq = %s, last_reported_balance_kwh = %s, anomaly = %s,"
+            " last_seen_at = %s WHERE id = %s",
+            [(debit, high, floor, seq, reported, anomaly, now, meter_id)
+             for meter_id, debit, high, floor, seq, reported, anomaly in meter_rows],
+        )
+
+
+def _apply_statuses(
+    items: list[tuple[Message, StatusUpdate]], states: dict[str, MeterState], now: datetime, result: BatchResult
+) -> None:
+    StatusEvent.objects.bulk_create(
+        StatusEvent(
+            meter_id=states[s.meter_no].meter_id, status=s.status, message=s.message, balance_kwh=s.balance_kwh,
+            wifi_rssi=s.wifi_rssi, relay=s.relay, firmware=s.firmware, uptime_s=s.uptime_s,
+            reset_reason=s.reset_reason, meter_timestamp_ms=s.timestamp_ms, received_at=now,
+            raw_payload=message.payload.decode(),
+        )
+        for message, s in items
+    )
+    latest: dict[str, StatusUpdate] = {}
+    reconnected: list[str] = []
+    for _, status in items:
+        latest[status.meter_no] = status
+        if status.status == "online" and status.meter_no not in reconnected:
+            reconnected.append(status.meter_no)
+        result.lines.append(f"Status update - Meter: {status.meter_no}, Status: {status.status}")
+    for meter_no, status in latest.items():
+        online = status.status != "offline"
+        fields = {"online": online}
+        if online:  # the Last Will is published by the broker, not a sign of life
+            fields["last_seen_at"] = now
+        if status.relay:
+            fields["relay_state"] = status.relay
+        Meter.objects.filter(id=states[meter_no].meter_id).update(**fields)
+        result.events.append(
+            {"meterNo": meter_no, "type": "status", "status": status.status, "online": online,
+             "relay": status.relay or None, "message": status.message, "at": now.isoformat()}
+        )
+    # PROTOCOL.md: a meter that reports `online` after (re)connecting gets the current balance.
+    for meter_no in reconnected:
+        meter_command_queue_balance(meter_no=meter_no, reason="reconnect", actor=WORKER_ACTOR)
+    result.statuses += len(items)
+
+
+def _apply_balance_reports(
+    items: list[tuple[Message, BalanceReport]], states: dict[str, MeterState], now: datetime, result: BatchResult
+) -> None:
+    for _, report in items:
+        meter_id = states[report.meter_no].meter_id
+        commands = MeterCommand.objects.filter(meter_id=meter_id, kind=CommandKind.BALANCE)
+        if report.cmd_id:
+            commands = commands.filter(cmd_id=report.cmd_id)
+        else:
+            commands = commands.filter(status=CommandStatus.SENT).order_by("-id")[:1]
+        command_id = commands.values_list("id", flat=True).first()
+        if command_id is None:
+            result.lines.append(f"Balance report - Meter: {report.meter_no}, Balance: {report.balance_kwh} (no matching command)")
+        else:
+            MeterCommand.objects.filter(id=command_id).exclude(status=CommandStatus.ACKNOWLEDGED).update(
+                status=CommandStatus.ACKNOWLEDGED, acknowledged_at=now, acknowledged_balance_kwh=report.balance_kwh
+            )
+            result.lines.append(f"Balance report - Meter: {report.meter_no}, Balance: {decimal_text(report.balance_kwh)}")
+        Meter.objects.filter(id=meter_id).update(last_seen_at=now)
+    result.balance_reports += len(items)
+
+
+def _store_dead_letters(dead: list[tuple[Message, str]], client_id: str, now: datetime) -> None:
+    DeadLetter.objects.bulk_create(
+        DeadLetter(topic=message.topic[:255], payload=message.payload, reason=reason, received_at=now, client_id=client_id[:64])
+        for message, reason in dead
+    )
