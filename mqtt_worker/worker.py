@@ -1,0 +1,279 @@
+"""The ingest loop: paho's network thread receives, the main thread batches, commits, then acks.
+
+- MQTT v5, a stable client id, `clean_start=False` with a session expiry: while the worker is
+  away (crash, deploy) the broker keeps its share of the reports and redelivers what was unacked.
+- Manual acks, sent in arrival order only after the batch's transaction committed. Unacked
+  messages hold the broker's in-flight window, so a stalled database stops delivery
+  (back-pressure) instead of piling reports up in this process.
+- After a reconnect, message ids of the old connection mean nothing (or someone else's message):
+  acks for messages received before the reconnect are dropped; the broker redelivers those and
+  the database absorbs the duplicates (report identities, ledger idempotency keys).
+- SIGTERM/SIGINT: the batch in hand is finished, committed and acked, then a clean disconnect.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+
+import orjson
+import paho.mqtt.client as mqtt
+from django.conf import settings
+from django.db import InterfaceError, OperationalError, close_old_connections, connection
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from meters.events import send_meter_events
+from mqtt_worker.codec import shared_subscriptions
+from mqtt_worker.ingest import BatchResult, Message, ingest_batch
+
+logger = logging.getLogger("mqtt_worker")
+# Per-report lines are logged at INFO while traffic is light (the seed's log style); under a
+# flood a batch logs one summary line and the per-report lines go to DEBUG.
+REPORT_LINES_PER_BATCH = 20
+
+
+@dataclass(frozen=True, slots=True)
+class _Received:
+    generation: int
+    mid: int
+    qos: int
+    message: Message
+
+
+def tune_socket(sock) -> None:
+    """Nagle's algorithm adds ~5 ms p50 / ~11 ms p99 per report on loopback (measured)."""
+    raw = getattr(sock, "_sock", sock)  # paho may wrap the socket (TLS, websockets)
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+def configure_client(client: mqtt.Client) -> None:
+    """Credentials and TLS from settings.MQTT (parsed from MQTT_URL) and MQTT_CA_FILE."""
+    config = settings.MQTT
+    if config.get("username"):
+        client.username_pw_set(config["username"], config.get("password") or None)
+    if config.get("tls"):
+        client.tls_set(ca_certs=settings.MQTT_CA_FILE, cert_reqs=ssl.CERT_REQUIRED)
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+
+
+class EventSender(threading.Thread):
+    """Live events off the hot path: committed state is queued here, coalesced per meter and
+    kind, and sent through the channel layer as fast as Redis allows. If it falls behind only
+    the latest state of each meter is sent; events are a view, the database is the state."""
+
+    def __init__(self) -> None:
+        super().__init__(name="live-events", daemon=True)
+        self._lock = threading.Condition()
+        self._pending: dict[tuple[str, str], dict] = {}
+        self._stopping = False
+
+    def put(self, events: list[dict]) -> None:
+        if not events:
+            return
+        with self._lock:
+            for event in events:
+                self._pending[(event["meterNo"], event["type"])] = event
+            self._lock.notify()
+
+    def run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending and not self._stopping:
+                    self._lock.wait()
+                if self._stopping and not self._pending:
+                    return
+                events, self._pending = list(self._pending.values()), {}
+            send_meter_events(events)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        self.join(timeout)
+
+
+class IngestWorker:
+    def __init__(self, *, client_id: str, group: str, batch_size: int, batch_wait_ms: int, trace_path: str | None = None):
+        self.client_id = client_id
+        self.group = group
+        self.batch_size = batch_size
+        self.batch_wait = batch_wait_ms / 1000
+        self.trace_path = trace_path
+        self._inbox: queue.SimpleQueue[_Received] = queue.SimpleQueue()
+        self._generation = 0
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._events = EventSender()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=True
+        )
+        configure_client(self.client)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_socket_open = lambda client, userdata, sock: tune_socket(sock)
+
+    # --- paho's network thread ------------------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            logger.error("Connection refused by broker: %s", reason_code)
+            return
+        self._generation += 1
+        logger.info(
+            "Connected to broker as %s (session %s)", self.client_id, "resumed" if flags.session_present else "new"
+        )
+        client.subscribe([(topic, 1) for topic in shared_subscriptions(self.group)])
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        for topic, code in zip(shared_subscriptions(self.group), reason_codes, strict=False):
+            if code.is_failure:
+                logger.error("Subscription to %s refused: %s", topic, code)
+            else:
+                logger.debug("Subscribed to: %s", topic)
+        logger.info("Subscribed to: %s", ", ".join(shared_subscriptions(self.group)))
+        self._connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        if not self._stop.is_set():
+            logger.warning("Disconnected from broker (%s); reconnecting", reason_code)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        self._inbox.put(_Received(self._generation, msg.mid, msg.qos, Message(msg.topic, msg.payload)))
+
+    # --- the main thread --------------------------------------------------------------------
+
+    def request_stop(self, *_args) -> None:
+        if not self._stop.is_set():
+            logger.info("Stopping: finishing the current batch")
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def connect(self) -> None:
+        config = settings.MQTT
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = settings.MQTT_SESSION_EXPIRY_S
+        # connect_async + loop_start: the network thread (re)connects with back-off on its own,
+        # also when the broker is not up yet when the worker starts.
+        self.client.connect_async(
+            config["host"], config["port"], keepalive=30, clean_start=False, properties=properties
+        )
+        self.client.loop_start()
+
+    def run(self) -> None:
+        self._events.start()
+        self.connect()
+        try:
+            while not self._stop.is_set():
+                batch = self._gather()
+                if batch:
+                    self._process(batch)
+        finally:
+            self.client.disconnect()
+            self.client.loop_stop()
+            self._events.stop()
+            logger.info("Disconnected; worker stopped")
+
+    def _gather(self) -> list[_Received]:
+        try:
+            first = self._inbox.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.batch_wait
+        while len(batch) < self.batch_size:
+            try:
+                batch.append(self._inbox.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(self._inbox.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return batch
+
+    def _process(self, batch: list[_Received]) -> None:
+        messages = [item.message for item in batch]
+        delay = 0.5
+        while True:
+            close_old_connections()
+            try:
+                started = time.perf_counter()
+                result = ingest_batch(messages, client_id=self.client_id)
+                break
+            except (OperationalError, InterfaceError) as error:
+                # The database is away. Nothing is acked, so the broker keeps the messages and
+                # stops sending once its in-flight window is full; retry the same batch.
+                logger.error("Database unavailable (%s); retrying the batch of %d in %.1f s",
+                             str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__,
+                             len(batch), delay)
+                connection.close()
+                if self._stop.wait(delay):
+                    logger.warning("Stopping without committing %d messages; the broker will redeliver them", len(batch))
+                    return
+                delay = min(delay * 2, 10.0)
+        committed = time.time_ns()
+        self._ack(batch)
+        self._events.put(result.events)
+        self._log(result, len(batch), time.perf_counter() - started)
+        if self.trace_path:
+            self._trace(committed, batch)
+
+    def _ack(self, batch: list[_Received]) -> None:
+        generation = self._generation
+        stale = 0
+        for item in batch:  # arrival order
+            if item.qos == 0:
+                continue
+            if item.generation != generation:
+                stale += 1
+                continue
+            self.client.ack(item.mid, item.qos)
+        if stale:
+            logger.info("Dropped %d acks from an earlier connection; the broker redelivers them", stale)
+
+    def _log(self, result: BatchResult, size: int, seconds: float) -> None:
+        if len(result.lines) <= REPORT_LINES_PER_BATCH:
+            for line in result.lines:
+                logger.info(line)
+        else:
+            if logger.isEnabledFor(logging.DEBUG):
+                for line in result.lines:
+                    logger.debug(line)
+            logger.info(
+                "Batch: %d messages (%d consumption, %d duplicates, %d status, %d balance, %d dead letters), "
+                "%s kWh debited, %.1f ms",
+                size, result.consumption, result.duplicates, result.statuses, result.balance_reports,
+                result.dead_letters, result.debited_kwh, seconds * 1000,
+            )
+
+    def _trace(self, committed_ns: int, batch: list[_Received]) -> None:
+        """Benchmark instrumentation (--trace-commits): per commit, its time and the reports' seqs."""
+        seqs = []
+        for item in batch:
+            try:
+                seqs.append(str(orjson.loads(item.message.payload).get("seq")))
+            except (orjson.JSONDecodeError, AttributeError):
+                seqs.append("-")
+        with open(self.trace_path, "a") as trace:
+            trace.write(f"{committed_ns} {','.join(seqs)}\n")
