@@ -1,0 +1,211 @@
+// Runs a meter trace (firmware/trace/README.md) through the portable core with in-memory
+// hardware and prints every effect as one JSON line. `python -m mqtt_worker.sim.trace_runner`
+// does the same with the Python port; tests/simulator/test_contract.py compares the two.
+#include <cjson/cJSON.h>
+
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <string>
+
+#include "meter/flash_ring.h"
+#include "meter/host_fakes.h"
+#include "meter/meter_core.h"
+
+using namespace meter;
+
+namespace {
+
+constexpr size_t kSlotBytes = 64;  // FlashRing header (11) + packed report (48) fits
+
+void emit(cJSON* line) {
+    char* text = cJSON_PrintUnformatted(line);
+    std::cout << text << '\n';
+    cJSON_free(text);
+    cJSON_Delete(line);
+}
+
+void emitMessage(const char* event, const std::string& topic, const std::string& payload, int qos, bool retain) {
+    cJSON* o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "event", event);
+    cJSON_AddStringToObject(o, "topic", topic.c_str());
+    cJSON_AddNumberToObject(o, "qos", qos);
+    cJSON_AddBoolToObject(o, "retain", retain);
+    cJSON_AddStringToObject(o, "payload", payload.c_str());
+    emit(o);
+}
+
+class PrintingPublisher : public Publisher {
+public:
+    bool publish(const std::string& topic, const std::string& payload, int qos, bool retain) override {
+        emitMessage("publish", topic, payload, qos, retain);
+        return true;
+    }
+};
+
+class PrintingRelay : public Relay {
+public:
+    void set(bool closed) override {
+        cJSON* o = cJSON_CreateObject();
+        cJSON_AddStringToObject(o, "event", "relay");
+        cJSON_AddBoolToObject(o, "closed", closed);
+        emit(o);
+    }
+};
+
+double num(const cJSON* o, const char* key, double fallback) {
+    const cJSON* v = cJSON_GetObjectItemCaseSensitive(o, key);
+    return cJSON_IsNumber(v) ? v->valuedouble : fallback;
+}
+
+std::string str(const cJSON* o, const char* key, const std::string& fallback) {
+    const cJSON* v = cJSON_GetObjectItemCaseSensitive(o, key);
+    return cJSON_IsString(v) ? std::string(v->valuestring) : fallback;
+}
+
+MeterConfig configFrom(const cJSON* c) {
+    MeterConfig cfg;
+    cfg.meterNo = str(c, "meterNo", cfg.meterNo);
+    cfg.fwVersion = str(c, "fw", cfg.fwVersion);
+    cfg.reportIntervalMs = static_cast<uint32_t>(num(c, "reportIntervalMs", cfg.reportIntervalMs));
+    cfg.sampleIntervalMs = static_cast<uint32_t>(num(c, "sampleIntervalMs", cfg.sampleIntervalMs));
+    cfg.sensorFailTimeoutMs = static_cast<uint32_t>(num(c, "sensorFailTimeoutMs", cfg.sensorFailTimeoutMs));
+    cfg.persistIntervalMs = static_cast<uint32_t>(num(c, "persistIntervalMs", cfg.persistIntervalMs));
+    cfg.statusIntervalMs = static_cast<uint32_t>(num(c, "statusIntervalMs", cfg.statusIntervalMs));
+    cfg.seqBlock = static_cast<uint32_t>(num(c, "seqBlock", cfg.seqBlock));
+    cfg.replayBatch = static_cast<uint32_t>(num(c, "replayBatch", cfg.replayBatch));
+    cfg.lowBalanceThreshold = num(c, "lowBalanceThreshold", cfg.lowBalanceThreshold);
+    return cfg;
+}
+
+// The command payload of a trace step: a JSON string is sent byte for byte, anything else is
+// serialised compactly.
+std::string payloadOf(const cJSON* step) {
+    const cJSON* p = cJSON_GetObjectItemCaseSensitive(step, "payload");
+    if (cJSON_IsString(p)) return p->valuestring;
+    char* text = cJSON_PrintUnformatted(p);
+    std::string out = text ? text : "";
+    cJSON_free(text);
+    return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc != 2) {
+        std::fprintf(stderr, "usage: %s TRACE.jsonl\n", argv[0]);
+        return 2;
+    }
+    std::ifstream in(argv[1]);
+    if (!in) {
+        std::fprintf(stderr, "cannot open %s\n", argv[1]);
+        return 2;
+    }
+
+    MeterConfig cfg;
+    uint64_t loopStepMs = 1000;
+    size_t capacity = 64;
+    std::string resetReason = "poweron";
+    int rssi = -65;
+
+    ManualClock clock;
+    MemKv kv;
+    std::unique_ptr<MemFlash> flash;
+    std::unique_ptr<FlashRing> ring;
+    FakeEnergy energy;
+    PrintingRelay relay;
+    PrintingPublisher publisher;
+    std::unique_ptr<MeterCore> core;
+
+    auto boot = [&](const std::string& reason) {
+        ring.reset(new FlashRing(*flash, kSlotBytes));  // recovery scan, as after a real reset
+        core.reset(new MeterCore(cfg, clock, kv, *ring, relay, energy, publisher, reason));
+        core->setWifiRssi(rssi);
+        core->begin();
+    };
+
+    std::string line;
+    int lineNo = 0;
+    while (std::getline(in, line)) {
+        ++lineNo;
+        if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+        cJSON* step = cJSON_Parse(line.c_str());
+        if (!cJSON_IsObject(step)) {
+            std::fprintf(stderr, "line %d: not a JSON object\n", lineNo);
+            cJSON_Delete(step);
+            return 2;
+        }
+        const std::string op = str(step, "op", "");
+        if (op == "config") {
+            cfg = configFrom(step);
+            loopStepMs = static_cast<uint64_t>(num(step, "loopStepMs", 1000));
+            capacity = static_cast<size_t>(num(step, "bufferCapacity", 64));
+            resetReason = str(step, "resetReason", resetReason);
+            rssi = static_cast<int>(num(step, "wifiRssi", rssi));
+            clock.restart(static_cast<uint32_t>(num(step, "startMillis", 0)));
+            // One slot per sector: the ring then holds exactly `capacity` reports and drops the
+            // oldest one at a time, the rule the Python port implements with a bounded deque.
+            flash.reset(new MemFlash(capacity * kSlotBytes, kSlotBytes));
+            boot(resetReason);
+        } else if (!core) {
+            std::fprintf(stderr, "line %d: the first step must be config\n", lineNo);
+            cJSON_Delete(step);
+            return 2;
+        } else if (op == "advance") {
+            uint64_t remaining = static_cast<uint64_t>(num(step, "ms", 0));
+            while (remaining > 0) {
+                uint64_t d = remaining < loopStepMs ? remaining : loopStepMs;
+                clock.advance(d);
+                remaining -= d;
+                core->loop();
+            }
+        } else if (op == "energy") {
+            energy.setKwh(num(step, "kwh", 0));
+        } else if (op == "sensor_fail") {
+            energy.fail();
+        } else if (op == "time_sync") {
+            clock.sync(static_cast<uint64_t>(num(step, "unixMs", 0)));
+        } else if (op == "rssi") {
+            rssi = static_cast<int>(num(step, "dbm", rssi));
+            core->setWifiRssi(rssi);
+        } else if (op == "connect") {
+            Message will = core->willMessage();
+            emitMessage("will", will.topic, will.payload, will.qos, will.retain);
+            core->onConnected();
+        } else if (op == "disconnect") {
+            core->onDisconnected();
+        } else if (op == "balance_cmd") {
+            core->onMessage(core->topic("command/balance"), payloadOf(step));
+        } else if (op == "relay_cmd") {
+            core->onMessage(core->topic("command/relay"), payloadOf(step));
+        } else if (op == "message") {
+            core->onMessage(str(step, "topic", ""), payloadOf(step));
+        } else if (op == "reboot") {
+            clock.restart(static_cast<uint32_t>(num(step, "startMillis", 0)));
+            boot(str(step, "reason", "software"));
+        } else {
+            std::fprintf(stderr, "line %d: unknown op '%s'\n", lineNo, op.c_str());
+            cJSON_Delete(step);
+            return 2;
+        }
+        cJSON_Delete(step);
+    }
+    if (!core) {
+        std::fprintf(stderr, "empty trace\n");
+        return 2;
+    }
+
+    cJSON* o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "event", "final");
+    // Unrounded, exact: the local balances must be the same double on both sides.
+    cJSON_AddRawToObject(o, "balance", jsonNumber(core->balance()).c_str());
+    cJSON_AddRawToObject(o, "energyTotal", jsonNumber(core->energyTotal()).c_str());
+    cJSON_AddBoolToObject(o, "relayClosed", core->relayClosed());
+    cJSON_AddStringToObject(o, "override", relayOverrideName(core->relayOverride()));
+    cJSON_AddStringToObject(o, "condition", core->condition());
+    cJSON_AddNumberToObject(o, "nextSeq", static_cast<double>(core->nextSeq()));
+    cJSON_AddNumberToObject(o, "buffered", static_cast<double>(ring->size()));
+    emit(o);
+    return 0;
+}

@@ -1,0 +1,159 @@
+"""Runs a meter trace (firmware/trace/README.md) through the Python meter core and prints every
+effect as one JSON line, exactly like the firmware's host `trace_runner`.
+
+    python -m mqtt_worker.sim.trace_runner firmware/trace/seed_and_reconcile.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+from mqtt_worker.sim.meter_core import (
+    ManualClock,
+    MemoryKvStore,
+    MeterConfig,
+    MeterCore,
+    ReportBuffer,
+    relay_override_name,
+)
+
+
+def _line(obj: dict) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _config_from(step: dict) -> MeterConfig:
+    d = MeterConfig()
+    return MeterConfig(
+        meter_no=step.get("meterNo", d.meter_no),
+        fw_version=step.get("fw", d.fw_version),
+        report_interval_ms=int(step.get("reportIntervalMs", d.report_interval_ms)),
+        sample_interval_ms=int(step.get("sampleIntervalMs", d.sample_interval_ms)),
+        sensor_fail_timeout_ms=int(step.get("sensorFailTimeoutMs", d.sensor_fail_timeout_ms)),
+        persist_interval_ms=int(step.get("persistIntervalMs", d.persist_interval_ms)),
+        status_interval_ms=int(step.get("statusIntervalMs", d.status_interval_ms)),
+        seq_block=int(step.get("seqBlock", d.seq_block)),
+        replay_batch=int(step.get("replayBatch", d.replay_batch)),
+        low_balance_threshold=step.get("lowBalanceThreshold", d.low_balance_threshold),
+    )
+
+
+def _payload_of(step: dict) -> str:
+    # A JSON string is sent byte for byte; anything else is serialised compactly.
+    p = step.get("payload")
+    if isinstance(p, str):
+        return p
+    return json.dumps(p, separators=(",", ":"), ensure_ascii=False)
+
+
+def run_trace(lines, out: Callable[[str], None]) -> None:
+    """Runs the trace given as an iterable of JSON lines; `out` receives each output line."""
+
+    def emit_message(event: str, topic: str, payload: str, qos: int, retain: bool) -> None:
+        out(_line({"event": event, "topic": topic, "qos": qos, "retain": retain, "payload": payload}))
+
+    def publish(topic: str, payload: str, qos: int, retain: bool) -> bool:
+        emit_message("publish", topic, payload, qos, retain)
+        return True
+
+    def set_relay(closed: bool) -> None:
+        out(_line({"event": "relay", "closed": closed}))
+
+    sensor: list[float | None] = [None]  # the PZEM's register; None = not answering
+    clock = ManualClock()
+    kv = MemoryKvStore()
+    state = {"core": None, "buffer": None, "cfg": MeterConfig(), "step": 1000, "rssi": -65}
+
+    def boot(reason: str) -> MeterCore:
+        core = MeterCore(
+            state["cfg"], clock, kv, state["buffer"], publish, set_relay, lambda: sensor[0], reset_reason=reason
+        )
+        core.set_wifi_rssi(state["rssi"])
+        core.begin()
+        state["core"] = core
+        return core
+
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        step = json.loads(text)
+        op = step.get("op")
+        core: MeterCore | None = state["core"]
+        if op == "config":
+            state["cfg"] = _config_from(step)
+            state["step"] = int(step.get("loopStepMs", 1000))
+            state["rssi"] = int(step.get("wifiRssi", state["rssi"]))
+            state["buffer"] = ReportBuffer(int(step.get("bufferCapacity", 64)))
+            clock.restart(int(step.get("startMillis", 0)))
+            boot(step.get("resetReason", "poweron"))
+            continue
+        if core is None:
+            raise ValueError(f"line {number}: the first step must be config")
+        if op == "advance":
+            remaining = int(step.get("ms", 0))
+            while remaining > 0:
+                d = min(remaining, state["step"])
+                clock.advance(d)
+                remaining -= d
+                core.loop()
+        elif op == "energy":
+            sensor[0] = step.get("kwh", 0)
+        elif op == "sensor_fail":
+            sensor[0] = None
+        elif op == "time_sync":
+            clock.sync(int(step.get("unixMs", 0)))
+        elif op == "rssi":
+            state["rssi"] = int(step.get("dbm", state["rssi"]))
+            core.set_wifi_rssi(state["rssi"])
+        elif op == "connect":
+            will = core.will_message()
+            emit_message("will", will.topic, will.payload, will.qos, will.retain)
+            core.on_connected()
+        elif op == "disconnect":
+            core.on_disconnected()
+        elif op == "balance_cmd":
+            core.on_message(core.topic("command/balance"), _payload_of(step))
+        elif op == "relay_cmd":
+            core.on_message(core.topic("command/relay"), _payload_of(step))
+        elif op == "message":
+            core.on_message(step.get("topic", ""), _payload_of(step))
+        elif op == "reboot":
+            clock.restart(int(step.get("startMillis", 0)))
+            boot(step.get("reason", "software"))
+        else:
+            raise ValueError(f"line {number}: unknown op {op!r}")
+
+    core = state["core"]
+    if core is None:
+        raise ValueError("empty trace")
+    out(
+        _line(
+            {
+                "event": "final",
+                "balance": core.balance,
+                "energyTotal": core.energy_total,
+                "relayClosed": core.relay_closed,
+                "override": relay_override_name(core.relay_override),
+                "condition": core.condition,
+                "nextSeq": core.next_seq,
+                "buffered": core.buffered,
+            }
+        )
+    )
+
+
+def main(argv: list[str] | None = None, stdout: TextIO = sys.stdout) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m mqtt_worker.sim.trace_runner TRACE.jsonl", file=sys.stderr)
+        return 2
+    with open(args[0], encoding="utf-8") as f:
+        run_trace(f, lambda s: stdout.write(s + "\n"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
