@@ -42,7 +42,7 @@ def _both(cpp_runner, trace: Path):
 
 def _assert_same(cpp, py):
     assert len(cpp) == len(py), f"{len(cpp)} lines from the firmware, {len(py)} from the simulator"
-    for i, (a, b) in enumerate(zip(cpp, py)):
+    for i, (a, b) in enumerate(zip(cpp, py, strict=True)):
         assert a == b, f"line {i} differs"
     assert cpp[-1]["event"] == "final"
 
