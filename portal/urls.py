@@ -10,6 +10,7 @@ from portal import api, views
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("meters/<str:meter_no>/", views.meter_detail, name="meter-detail"),
+    path("meters/<str:meter_no>/buy/", views.buy_units, name="buy-units"),
     path("healthz", views.healthz, name="healthz"),
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
