@@ -83,7 +83,7 @@ def test_the_same_callback_again_an_hour_later_credits_nothing_more(client, pend
 
 
 @pytest.mark.django_db(transaction=True)
-def test_five_concurrent_copies_credit_once(postgres, fake_daraja, alice_meter):
+def test_five_concurrent_copies_credit_once(postgres, fake_daraja, alice_meter, dispatched_commands):
     payment = services.stk_push_start(user=alice_meter.owner.user, meter_no="METER-A1", phone="0712345678", amount_kes="100")
     body = stk_success_for(payment)
     barrier = threading.Barrier(5)
@@ -106,6 +106,8 @@ def test_five_concurrent_copies_credit_once(postgres, fake_daraja, alice_meter):
     assert meter_balance_get(meter_no="METER-A1") == Decimal("4")
     outcomes = sorted(Callback.objects.values_list("outcome", flat=True))
     assert outcomes == ["credited 4.000000 kWh to METER-A1"] + ["duplicate: already credited"] * 4
+    # One balance command, handed to the publisher once, after its transaction committed.
+    assert dispatched_commands == [MeterCommand.objects.get().pk]
 
 
 @pytest.mark.django_db
