@@ -2,7 +2,7 @@
 
 The simulator must behave like the device, so this is a line-by-line port of the same state
 machine: billing on register deltas, local balance with energyTotal reconciliation, relay
-policy, reports with seq/energyTotal, the offline buffer, throttled persistence and status.
+policy, reports with seq/energyTotal, the offline buffer, persistence (at every report) and status.
 Floats are used on purpose: the device computes in IEEE double, and the same operations in the
 same order give bit-identical results, which firmware/trace/ and tests/simulator/test_contract.py
 check. This module is a device model, not accounting: the backend's ledger uses Decimal.
@@ -167,9 +167,16 @@ class ReportBuffer:
 
     def __init__(self, capacity: int = 64) -> None:
         self._items: deque[Report] = deque(maxlen=max(capacity, 1))
+        self._newest: Report | None = None
 
     def append(self, report: Report) -> None:
         self._items.append(report)
+        self._newest = report
+
+    def peek_newest(self) -> Report | None:
+        """The newest report ever appended, replayed or not (FlashRing::peekNewest: consumed
+        records stay in flash until their sector is reused, and the newest one is reused last)."""
+        return self._newest
 
     def peek_oldest(self) -> Report | None:
         return self._items[0] if self._items else None
@@ -455,6 +462,13 @@ class MeterCore:
         raw = self._kv.get(KEY_STATE)
         if raw is not None and len(raw) == 16:
             self.energy_total, self.balance = struct.unpack("<dd", raw)
+        # The register on the wire must never step backwards (the backend bills increases only):
+        # the state is written before every report leaves, and the newest logged report is a
+        # second witness for when that write failed.
+        newest = self._buffer.peek_newest()
+        if newest is not None and newest.energy_total > self.energy_total:
+            self.energy_total = newest.energy_total
+            self.balance = newest.remaining_balance
         raw = self._kv.get(KEY_RELAY)
         if raw is not None and len(raw) == 1 and raw[0] <= 2:
             self.relay_override = RelayOverride(raw[0])
@@ -615,6 +629,8 @@ class MeterCore:
             energy_total=self.energy_total,
         )
         self._interval_units = 0.0
+        # "Never lose a kWh": this report's register is persisted before the report can leave.
+        self._persist_state()
         if (
             self.connected
             and len(self._buffer) == 0

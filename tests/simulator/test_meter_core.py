@@ -191,14 +191,83 @@ def test_seq_survives_reboots_without_repeating():
     assert b.kv.writes(KEY_SEQ) == 3
 
 
-def test_state_persistence_is_throttled_but_payments_are_immediate():
+def test_state_is_persisted_at_every_report_and_payments_at_once():
     b = Bench(persist_interval_ms=60000)
     b.balance_cmd({"balance": 100, "timestamp": 1})
     assert b.kv.writes(KEY_STATE) == 1
     for s in range(1, 601):
         b.register = s * 0.001
         b.run(1000)
-    assert 10 <= b.kv.writes(KEY_STATE) <= 11
+    assert b.kv.writes(KEY_STATE) == 1 + 20  # one per 30 s report
+    billed = b.core.energy_total
+    b.clock.restart()
+    b.boot()  # power cut right after the 20th report
+    assert b.core.energy_total == billed
+
+
+def test_power_cut_right_after_a_report_never_steps_the_register_backwards():
+    b = Bench(persist_interval_ms=60000)
+    b.core.on_connected()
+    b.balance_cmd({"balance": 50, "timestamp": 1})
+    b.register = 1200.0
+    b.run(1000)
+    b.register = 1200.25
+    b.run(29000)
+    assert [r["energyTotal"] for r in b.on("consumption")] == [0.25]
+    b.register = 1200.5
+    b.run(5000)  # billed but neither reported nor persisted when the power goes
+    b.clock.restart()
+    b.boot()
+    assert b.core.energy_total == 0.25
+    b.core.on_connected()
+    b.run(1000)
+    b.register = 1200.6
+    b.run(30000)
+    assert [r["energyTotal"] for r in b.on("consumption")] == [0.25, 0.35]
+
+
+class _RefusingKv(MemoryKvStore):
+    """NVS that silently stops storing the state record (partition full, flash fault)."""
+
+    refuse_state = False
+
+    def put(self, key, value):
+        if not (self.refuse_state and key == KEY_STATE):
+            super().put(key, value)
+
+
+def test_report_log_is_a_second_witness_when_the_state_write_fails():
+    b = Bench(report_interval_ms=10000)
+    b.kv = _RefusingKv()
+    b.boot()
+    b.balance_cmd({"balance": 10, "timestamp": 1})
+    b.kv.refuse_state = True
+    b.register = 7.0
+    b.run(1000)
+    b.register = 7.5
+    b.run(19000)  # two reports while offline, into the ring
+    b.core.on_connected()
+    assert len(b.buffer) == 0 and len(b.on("consumption")) == 2
+    b.clock.restart()
+    b.boot()
+    assert (b.core.energy_total, b.core.balance) == (0.5, 9.5)
+
+
+def test_power_cut_trace_keeps_the_wire_register_monotonic():
+    """firmware/trace/power_cut_after_report.jsonl (also compared with the C++ core by
+    test_contract.py): two power cuts, one right after a report, one after offline reports."""
+    from pathlib import Path
+
+    from mqtt_worker.sim.trace_runner import run_trace
+
+    trace = Path(__file__).resolve().parents[2] / "firmware" / "trace" / "power_cut_after_report.jsonl"
+    out = []
+    with open(trace, encoding="utf-8") as f:
+        run_trace(f, out.append)
+    lines = [json.loads(line) for line in out]
+    registers = [json.loads(m["payload"])["energyTotal"] for m in lines if m.get("topic", "").endswith("/consumption")]
+    assert registers == [0.25, 0.35, 0.5, 0.625, 0.75]
+    assert lines[-1]["energyTotal"] == 0.75
 
 
 def test_status_on_connect_and_will():

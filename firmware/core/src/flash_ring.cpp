@@ -56,6 +56,7 @@ bool FlashRing::slotBlank(size_t slot) {
 
 void FlashRing::recover() {
     pending_.clear();
+    haveNewest_ = false;
     std::vector<std::pair<uint32_t, size_t>> live;  // (counter, slot) of unconsumed records
     uint32_t maxCounter = 0;
     size_t maxSlot = slotCount_ - 1;  // so that an empty ring starts writing at slot 0
@@ -67,6 +68,8 @@ void FlashRing::recover() {
         if (counter >= maxCounter) {
             maxCounter = counter;
             maxSlot = s;
+            haveNewest_ = true;
+            newestSlot_ = s;
         }
         if (state == kCommitted) live.emplace_back(counter, s);
     }
@@ -111,6 +114,8 @@ bool FlashRing::append(const uint8_t* data, size_t len) {
         if (!flash_.program(slot * slotSize_, &commit, 1)) return false;
         ++nextCounter_;
         pending_.push_back(slot);
+        haveNewest_ = true;
+        newestSlot_ = slot;
         return true;
     }
     return false;
@@ -125,6 +130,14 @@ bool FlashRing::peekOldest(std::vector<uint8_t>& out) {
         ++dropped_;
     }
     return false;
+}
+
+bool FlashRing::peekNewest(std::vector<uint8_t>& out) {
+    // Consumed records stay readable until their sector is erased for reuse, and the sector
+    // being written is the one erased last, so the newest record survives replay and reboots.
+    uint32_t counter;
+    uint8_t state;
+    return haveNewest_ && readSlot(newestSlot_, out, counter, state);
 }
 
 bool FlashRing::popOldest() {

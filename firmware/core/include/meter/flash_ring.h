@@ -44,6 +44,7 @@ public:
     bool append(const uint8_t* data, size_t len) override;
     bool peekOldest(std::vector<uint8_t>& out) override;
     bool popOldest() override;
+    bool peekNewest(std::vector<uint8_t>& out) override;
     size_t size() const override { return pending_.size(); }
 
     size_t slotCount() const { return slotCount_; }
@@ -62,6 +63,8 @@ private:
     size_t writeSlot_ = 0;   // next slot to try
     uint32_t nextCounter_ = 1;
     std::deque<size_t> pending_;  // committed, not consumed, oldest first
+    bool haveNewest_ = false;     // newestSlot_ holds the highest-counter record (any state)
+    size_t newestSlot_ = 0;
     size_t dropped_ = 0;
 };
 

@@ -36,6 +36,10 @@ public:
     virtual bool peekOldest(std::vector<uint8_t>& out) = 0;
     virtual bool popOldest() = 0;
     virtual size_t size() const = 0;
+    // The newest record ever appended that the log still holds, replayed (consumed) or not.
+    // begin() consults it as a second witness of the last energy register the meter sent; a
+    // log that forgets records (RAM only) may simply return false.
+    virtual bool peekNewest(std::vector<uint8_t>& /*out*/) { return false; }
 };
 
 class Relay {

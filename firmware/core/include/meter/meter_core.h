@@ -1,6 +1,6 @@
 // The meter's state machine: billing on register deltas, local balance and reconciliation,
-// relay policy, reports with seq/energyTotal, offline buffering and replay, throttled
-// persistence. mqtt_worker/sim/meter_core.py is a line-by-line port; when a rule changes here it
+// relay policy, reports with seq/energyTotal, offline buffering and replay, persistence (at
+// every report, so the register on the wire never steps backwards after a power cut). mqtt_worker/sim/meter_core.py is a line-by-line port; when a rule changes here it
 // changes there too, and firmware/trace/ holds the traces that prove both still agree.
 #pragma once
 
@@ -19,7 +19,7 @@ struct MeterConfig {
     uint32_t reportIntervalMs = 30000;      // seed: every 30 s (configurable)
     uint32_t sampleIntervalMs = 1000;       // how often the energy register is read
     uint32_t sensorFailTimeoutMs = 60000;   // register unreadable this long: relay opens
-    uint32_t persistIntervalMs = 60000;     // at most one energy/balance flash write per minute
+    uint32_t persistIntervalMs = 60000;     // between reports: at most one state flash write per interval
     uint32_t statusIntervalMs = 300000;     // periodic status while connected; 0 = never
     uint32_t seqBlock = 64;                 // seq values reserved per flash write
     uint32_t replayBatch = 20;              // buffered reports handed to MQTT per loop()
