@@ -7,6 +7,7 @@ what the caller may do with it (`StaffForWrites`: owners read, staff also write)
 the same services as the admin. Views are thin: parse, call a service or selector, shape.
 """
 
+import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -37,12 +38,14 @@ from meters.serializers import (
     StatementEntrySerializer,
 )
 
+# One rule for every Idempotency-Key header (the payments service checks the same).
+IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 IDEMPOTENCY_KEY_HEADER = OpenApiParameter(
     "Idempotency-Key",
     str,
     OpenApiParameter.HEADER,
     description="Optional. A retry with the same key returns the first result instead of doing it twice.",
-    pattern=r"^[\x21-\x7e]{1,64}$",
+    pattern=IDEMPOTENCY_KEY.pattern,
 )
 
 # Service field names → the names this API uses for them.
@@ -50,12 +53,12 @@ ERROR_FIELD_NAMES = {"meter_no": "meterNo", "units_kwh": "units", "amount_kes": 
 
 
 def idempotency_key_from(request) -> str | None:
-    """The client's Idempotency-Key header: 1–64 visible ASCII characters, or absent."""
+    """The client's Idempotency-Key header (1–64 of A-Z a-z 0-9 _ . : -), or None if absent."""
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not 1 <= len(key) <= 64 or not all("\x21" <= char <= "\x7e" for char in key):
-        raise InvalidInput("Idempotency-Key must be 1-64 visible ASCII characters", field="idempotency_key")
+    if not IDEMPOTENCY_KEY.match(key):
+        raise InvalidInput("Idempotency-Key must be 1-64 of A-Z a-z 0-9 _ . : -", field="idempotency_key")
     return key
 
 

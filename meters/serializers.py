@@ -170,3 +170,18 @@ class CustomerSerializer(serializers.Serializer):
     phone = serializers.CharField()
     email = serializers.CharField(source="user.email")
     createdAt = serializers.DateTimeField(source="created_at")
+
+
+# The API's one error format (portal.exceptions writes it; the schema documents it with these).
+class ErrorDetailSerializer(serializers.Serializer):
+    code = serializers.CharField(help_text="Stable, machine-readable: invalid, not_found, conflict, throttled, …")
+    message = serializers.CharField(help_text="For people")
+    field = serializers.CharField(allow_null=True, help_text="The request field at fault (camelCase), or null")
+    details = serializers.DictField(
+        allow_null=True,
+        help_text="Per-field messages for validation errors ({field: [message]}); retryAfter (s) when throttled",
+    )
+
+
+class ErrorSerializer(serializers.Serializer):
+    error = ErrorDetailSerializer()

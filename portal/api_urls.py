@@ -3,6 +3,8 @@
 from django.urls import path, register_converter
 
 from meters import api as meters_api
+from mqtt_worker import api as mqtt_api
+from payments import api as payments_api
 from portal import api as portal_api
 
 
@@ -32,4 +34,7 @@ urlpatterns = [
     path("meters/<meter_no:meterNo>/adjustments/", meters_api.AdjustmentView.as_view(), name="api-meter-adjustments"),
     path("meters/<meter_no:meterNo>/resync/", meters_api.ResyncView.as_view(), name="api-meter-resync"),
     path("meters/<meter_no:meterNo>/relay/", meters_api.RelayView.as_view(), name="api-meter-relay"),
+    path("payments/", payments_api.PaymentListView.as_view(), name="api-payments"),
+    path("payments/<int:id>/", payments_api.PaymentDetailView.as_view(), name="api-payment"),
+    path("dead-letters/", mqtt_api.DeadLetterListView.as_view(), name="api-dead-letters"),
 ]

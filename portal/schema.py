@@ -2,23 +2,9 @@
 error format (portal.exceptions), so that clients and the schemathesis run can rely on them."""
 
 from drf_spectacular.openapi import AutoSchema
-from rest_framework import serializers
 from rest_framework.permissions import AllowAny
 
-
-class ErrorDetailSerializer(serializers.Serializer):
-    code = serializers.CharField(help_text="Stable, machine-readable: invalid, not_found, conflict, throttled, …")
-    message = serializers.CharField(help_text="For people")
-    field = serializers.CharField(allow_null=True, help_text="The request field at fault (camelCase), or null")
-    details = serializers.DictField(
-        allow_null=True,
-        help_text="Per-field messages for validation errors ({field: [message]}); retryAfter (s) when throttled",
-    )
-
-
-class ErrorSerializer(serializers.Serializer):
-    error = ErrorDetailSerializer()
-
+from meters.serializers import ErrorSerializer
 
 ERROR_DESCRIPTIONS = {
     "400": "Invalid input (error.field names the field)",
@@ -43,7 +29,8 @@ class ApiAutoSchema(AutoSchema):
             codes.append("401")
         if not all(isinstance(permission, AllowAny) for permission in view.get_permissions()):
             codes.append("403")
-        if "{" in self.path or getattr(view, "may_not_find", False):
+        may_not_find = getattr(view, "may_not_find", ())  # methods that look up an id given in the body
+        if "{" in self.path or self.method in may_not_find:
             codes.append("404")
         if has_body:
             codes += ["409", "415"]
