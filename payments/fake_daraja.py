@@ -73,6 +73,13 @@ def stk_password(shortcode: str, passkey: str, timestamp: str) -> str:
     return base64.b64encode(f"{shortcode}{passkey}{timestamp}".encode()).decode()
 
 
+def _seconds(value) -> int | float:
+    """A delay in seconds from JSON (a number; timing, not money)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"delay must be a non-negative number of seconds, got {value!r}")
+    return value
+
+
 def _receipt() -> str:
     return "".join(random.choices(string.ascii_uppercase + string.digits, k=10))
 
@@ -172,7 +179,7 @@ class FakeDaraja:
             self.counts["stkpush"] += 1
             plan = self.script.pop(0) if self.script else {}
             outcome = plan.get("outcome", self.defaults["outcome"])
-            delay = float(plan.get("delay", self.defaults["delay"]))
+            delay = _seconds(plan.get("delay", self.defaults["delay"]))
             number = next(self.sequence)
             merchant_id = f"{random.randint(1000, 99999)}-{random.randint(10**7, 10**8 - 1)}-{number}"
             checkout_id = f"ws_CO_{datetime.now(EAT):%d%m%Y%H%M%S}{number:06d}{random.randint(100, 999)}"
@@ -289,7 +296,7 @@ class FakeDaraja:
             "ThirdPartyTransID": "", "MSISDN": f"{msisdn[:4]} ***** {msisdn[-3:]}", "FirstName": "NICHOLAS",
             "MiddleName": "", "LastName": "",
         }
-        self._later(float(body.get("delay", 0)), self._deliver_c2b, urls, request)
+        self._later(_seconds(body.get("delay", 0)), self._deliver_c2b, urls, request)
         return 200, {
             "OriginatorCoversationID": self._conversation_id(), "ResponseCode": "0",
             "ResponseDescription": "Accept the service request successfully.",
@@ -351,12 +358,24 @@ class FakeDaraja:
     def control(self, action: str, body: dict) -> tuple[int, dict]:
         if action == "config":
             unknown = set(body) - set(self.defaults)
-            if unknown or body.get("outcome", "success") not in OUTCOMES:
+            try:
+                _seconds(body.get("delay", 0))
+            except ValueError as error:
+                return 400, {"error": str(error)}
+            bad_value = body.get("outcome", "success") not in OUTCOMES or (
+                body.get("c2b_delivery", "once") not in {"once", "twice"}
+            )
+            if unknown or bad_value:
                 return 400, {"error": f"bad config {body}"}
             with self.lock:
                 self.defaults.update(body)
             return 200, dict(self.defaults)
         if action == "next":
+            if "delay" in body:
+                try:
+                    _seconds(body["delay"])
+                except ValueError as error:
+                    return 400, {"error": str(error)}
             if body.get("outcome", "success") not in OUTCOMES:
                 return 400, {"error": f"unknown outcome {body.get('outcome')!r}; one of {sorted(OUTCOMES)}"}
             with self.lock:

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 from django.core.management import call_command
-from django.db import connections
+from django.db import connection, connections
 from django.test import Client
 
 from meters.models import LedgerEntry, MeterCommand
@@ -115,9 +115,12 @@ def test_a_wrong_secret_on_c2b_is_refused(client, alice_meter):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_paybill_through_the_fake_daraja(fake_daraja, live_server, alice_meter, settings):
+def test_paybill_through_the_fake_daraja(fake_daraja, live_server, alice_meter, settings, monkeypatch):
     """Register the URLs with the fake, simulate two payments: the one to an unknown account is
     rejected at validation; the known one is confirmed twice and credited once."""
+    # The live server answers each request in a new thread; persistent connections would outlive
+    # those threads and keep the test database busy at teardown.
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
     settings.MPESA_CALLBACK_BASE_URL = live_server.url
     fake_daraja.control("config", c2b_delivery="twice")
     call_command("mpesa_register_c2b")
