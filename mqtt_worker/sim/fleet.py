@@ -1,0 +1,611 @@
+"""The networked meter simulator: many MeterCores (mqtt_worker/sim/meter_core.py, the port of the
+firmware) over a few paho-mqtt connections, with a household load model and switchable faults.
+
+No Django here (the benchmarks can use it alone); `manage.py simulate_meters` wraps it.
+
+How it is put together
+- One `Connection` per MQTT client, each with its own thread that owns its meters: it advances
+  every meter's clock in steps of `step_ms` simulated milliseconds, paced to `speed` simulated
+  seconds per real second, and calls `loop()`. paho's network thread never touches a MeterCore:
+  it only queues connects, disconnects and commands for the connection thread (the firmware's
+  glue does the same with esp_mqtt's events), so each core is single-threaded like on a device.
+- Each meter has its own MeterCore, ManualClock, MemoryKvStore (NVS) and ReportBuffer (flash ring).
+- QoS 1: paho's in-memory outbox plays the part of esp_mqtt's outbox on the device. A publish the
+  client took returns True to the core (as on the device); it counts as delivered only when the
+  broker's PUBACK arrives, and one that is not acknowledged stays in the outbox and is sent again
+  after the reconnect (with DUP), which is also how real duplicates arise.
+- Offline status: MQTT allows one Last Will per connection, not one per meter. So the simulator
+  itself publishes each meter's will payload (`MeterCore.will_message()`, status `offline`,
+  retained) when it simulates a drop (just before cutting the socket) and when it stops cleanly.
+  A simulator that is killed leaves its meters `online` until they report again.
+
+Faults (rates are probabilities per meter, or per connection for drops, per report interval)
+- drop: the connection's socket is cut without DISCONNECT; meters go offline, buffer their
+  reports in the ring, and replay them oldest-first when paho has reconnected `outage_s` later.
+- duplicate: a consumption report is published twice (the backend must flag the second copy).
+- register reset: the PZEM's own energy register restarts from 0; the core ignores the
+  negative delta and re-baselines (the meter's energyTotal never goes back).
+- garbage: a malformed payload on one of the meter's report topics (the worker dead-letters it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import random
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from mqtt_worker.sim.meter_core import (
+    KEY_SEQ,
+    KEY_STATE,
+    ManualClock,
+    MemoryKvStore,
+    MeterConfig,
+    MeterCore,
+    ReportBuffer,
+    round6,
+)
+
+METER_NO_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+KWH = Decimal("0.000001")
+# A simulated meter's session lives this long on the broker after a drop, so that commands
+# published while it is away are delivered when it returns (the firmware's persistent session).
+SESSION_EXPIRY_S = 300
+
+
+def valid_meter_no(meter_no: str) -> bool:
+    return 1 <= len(meter_no) <= 32 and set(meter_no) <= METER_NO_CHARS
+
+
+@dataclass(frozen=True)
+class Broker:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+
+    @classmethod
+    def from_url(cls, url: str, ca_file: str | None = None) -> Broker:
+        """mqtt://user:pass@host:port or mqtts://… (TLS); the same form as MQTT_URL."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"the MQTT URL must start with mqtt:// or mqtts://, got {url!r}")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"the MQTT URL has an invalid port: {url!r}") from None
+        if not parts.hostname:
+            raise ValueError(f"the MQTT URL names no host: {url!r}")
+        tls = parts.scheme == "mqtts"
+        return cls(
+            host=parts.hostname,
+            port=port or (8883 if tls else 1883),
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            tls=tls,
+            ca_file=ca_file,
+        )
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a meter's flash left off (for meters the backend already knows): the register and
+    balance in NVS and the first seq the next boot may use."""
+
+    energy_total: float
+    balance: float
+    next_seq: int
+
+
+@dataclass
+class FleetOptions:
+    meter_nos: list[str]
+    broker: Broker = field(default_factory=Broker)
+    interval_s: float = 30.0  # report interval, simulated seconds
+    connections: int = 2
+    speed: float = 1.0  # simulated seconds per real second
+    drop_rate: float = 0.0
+    outage_s: float | None = None  # real seconds a dropped connection stays down; None: 2 intervals
+    duplicate_rate: float = 0.0
+    register_reset_rate: float = 0.0
+    garbage_rate: float = 0.0
+    seed: int | None = None
+    buffer_capacity: int = 64
+    client_id_prefix: str = ""
+    resume: dict[str, Resume] = field(default_factory=dict)
+    power_kw: tuple[float, float] = (0.3, 3.0)  # household load range
+
+    def validate(self) -> None:
+        if not self.meter_nos:
+            raise ValueError("no meters to simulate")
+        bad = [m for m in self.meter_nos if not valid_meter_no(m)]
+        if bad:
+            raise ValueError(f"invalid meter numbers (^[A-Za-z0-9_-]{{1,32}}$): {', '.join(bad[:5])}")
+        if len(set(self.meter_nos)) != len(self.meter_nos):
+            raise ValueError("meter numbers must be unique")
+        if not (self.interval_s > 0 and math.isfinite(self.interval_s)):
+            raise ValueError("the report interval must be a positive number of seconds")
+        if not (self.speed > 0 and math.isfinite(self.speed)):
+            raise ValueError("speed must be a positive number")
+        if self.connections < 1:
+            raise ValueError("at least one connection is needed")
+        for name in ("drop_rate", "duplicate_rate", "register_reset_rate", "garbage_rate"):
+            value = getattr(self, name)
+            if not (0 <= value <= 1):
+                raise ValueError(f"{name.replace('_', '-')} must be between 0 and 1, got {value}")
+        if self.outage_s is not None and not (self.outage_s >= 0 and math.isfinite(self.outage_s)):
+            raise ValueError("the outage must be a non-negative number of seconds")
+        if self.buffer_capacity < 1:
+            raise ValueError("the report buffer needs at least one slot")
+
+
+@dataclass
+class Stats:
+    """Counters of one connection, written only by its thread (read by the progress line)."""
+
+    reports_sent: int = 0  # consumption reports the client took (first copies)
+    reports_acked: int = 0  # of those, PUBACKed by the broker
+    duplicates_sent: int = 0
+    garbage_sent: int = 0
+    garbage_acked: int = 0
+    commands_received: int = 0
+    drops: int = 0
+    register_resets: int = 0
+
+    def add(self, other: Stats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class SimMeter:
+    """One meter: its core and hardware models (clock, NVS, flash ring, PZEM, household)."""
+
+    def __init__(self, meter_no: str, options: FleetOptions, rng: random.Random, publish) -> None:
+        self.meter_no = meter_no
+        self.rng = rng
+        self.clock = ManualClock(rng.randrange(0, 2**32))  # devices boot at any millis()
+        self.kv = MemoryKvStore()
+        self.buffer = ReportBuffer(options.buffer_capacity)
+        resume = options.resume.get(meter_no)
+        if resume is not None:
+            self.kv.put(KEY_STATE, struct.pack("<dd", resume.energy_total, resume.balance))
+            self.kv.put(KEY_SEQ, struct.pack("<Q", resume.next_seq))
+        self.relay_closed = False
+        # The PZEM-004T's own register (Wh resolution) and the household behind the relay.
+        self._exact_kwh = rng.uniform(0, 5000)
+        self._power_kw = rng.uniform(*options.power_kw)
+        self._power_range = options.power_kw
+        self.sensor_live = True
+        interval_ms = max(int(options.interval_s * 1000), 1)
+        self.core = MeterCore(
+            MeterConfig(
+                meter_no=meter_no,
+                fw_version="sim-1.0.0",
+                report_interval_ms=interval_ms,
+                sample_interval_ms=step_ms_for(interval_ms),
+                status_interval_ms=0,
+            ),
+            self.clock,
+            self.kv,
+            self.buffer,
+            lambda topic, payload, qos, retain: publish(self, topic, payload, qos, retain),
+            self._set_relay,
+            self.read_register,
+        )
+        self.core.set_wifi_rssi(-rng.randint(45, 85))
+        if options.speed == 1:
+            # Real time: SNTP-synced Unix ms. Accelerated time would date reports in the future,
+            # so those meters stay unsynced and send ms since boot, which PROTOCOL.md tells the
+            # backend to treat as "time unknown" (placed at the time of receipt).
+            self.clock.sync(time.time_ns() // 1_000_000)
+        self.core.begin()
+        self.start_energy_total = self.core.energy_total
+
+    def _set_relay(self, closed: bool) -> None:
+        self.relay_closed = closed
+
+    def read_register(self) -> float:
+        return math.floor(self._exact_kwh * 1000) / 1000  # the PZEM counts whole Wh
+
+    def consume(self, ms: int) -> None:
+        """The household draws power only while the relay is closed; its load wanders."""
+        if not self.sensor_live:
+            return
+        low, high = self._power_range
+        self._power_kw = min(max(self._power_kw * self.rng.uniform(0.9, 1.1), low), high)
+        if self.relay_closed:
+            self._exact_kwh += self._power_kw * ms / 3_600_000
+
+    def reset_register(self) -> None:
+        self._exact_kwh = 0.0
+
+    @property
+    def measured_kwh(self) -> Decimal:
+        """The energy this meter billed during the run, as the backend reads the register off the
+        wire (6 places): what the ledger must have debited once every report is in."""
+        return _wire_decimal(self.core.energy_total) - _wire_decimal(self.start_energy_total)
+
+
+def _wire_decimal(x: float) -> Decimal:
+    # The payload carries round6(x) printed as the shortest repr; the backend parses that text.
+    return Decimal(repr(round6(x))).quantize(KWH)
+
+
+def step_ms_for(interval_ms: int) -> int:
+    """Simulated ms per loop() step: one second as on the device, coarser for long intervals so
+    that a large fleet at high speed stays affordable (billing sums register deltas, so the
+    sampling step changes no total)."""
+    return max(1000, min(interval_ms // 10, 10_000))
+
+
+GARBAGE_KINDS = (
+    "not-json",
+    "nan",
+    "negative-units",
+    "meter-mismatch",
+    "wrong-type",
+    "bad-status",
+    "oversized",
+)
+
+
+def garbage_payload(kind: str, meter_no: str, nonce: str) -> tuple[str, bytes]:
+    """(topic suffix, payload) of a malformed message; `nonce` makes each one identifiable."""
+    if kind == "not-json":
+        return "consumption", f"{{meterNo: {meter_no} garbage {nonce}".encode()
+    if kind == "nan":
+        return "consumption", (
+            f'{{"meterNo":"{meter_no}","unitsConsumed":NaN,"remainingBalance":1,"totalConsumed":1,'
+            f'"timestamp":1698765432000,"nonce":"{nonce}"}}'
+        ).encode()
+    if kind == "negative-units":
+        return "consumption", json.dumps(
+            {"meterNo": meter_no, "unitsConsumed": -1.5, "remainingBalance": 1, "totalConsumed": 1,
+             "timestamp": 1698765432000, "nonce": nonce}
+        ).encode()
+    if kind == "meter-mismatch":
+        return "consumption", json.dumps(
+            {"meterNo": "NOT-" + meter_no[:27], "unitsConsumed": 0.1, "remainingBalance": 1, "totalConsumed": 1,
+             "timestamp": 1698765432000, "nonce": nonce}
+        ).encode()
+    if kind == "wrong-type":
+        return "balance", json.dumps({"meterNo": meter_no, "balance": "ten", "timestamp": 1, "nonce": nonce}).encode()
+    if kind == "bad-status":
+        return "status", json.dumps({"meterNo": meter_no, "status": "exploded", "timestamp": 1, "nonce": nonce}).encode()
+    if kind == "oversized":
+        return "consumption", json.dumps({"meterNo": meter_no, "pad": "x" * 1100, "nonce": nonce}).encode()
+    raise ValueError(f"unknown garbage kind {kind!r}")
+
+
+class Connection(threading.Thread):
+    """One MQTT client and the meters it carries; the thread runs their loops."""
+
+    def __init__(self, index: int, meter_nos: list[str], options: FleetOptions, stop: threading.Event) -> None:
+        super().__init__(name=f"sim-conn-{index}", daemon=True)
+        self.index = index
+        self.options = options
+        self._stop_event = stop
+        self.rng = random.Random(None if options.seed is None else options.seed * 7919 + index)
+        self.stats = Stats()
+        self.error: BaseException | None = None
+        self.connected = False
+        self.finished = threading.Event()
+        self._events: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._pending: list[tuple[str, mqtt.MQTTMessageInfo]] = []  # (kind, info) awaiting PUBACK
+        self.garbage: list[bytes] = []  # payloads PUBACKed by the broker
+        self._garbage_pending: list[tuple[bytes, mqtt.MQTTMessageInfo]] = []
+        self._cut_pending = False
+        self.meters = {m: SimMeter(m, options, random.Random(self.rng.random()), self._publish) for m in meter_nos}
+        self.interval_ms = max(int(options.interval_s * 1000), 1)
+        self.step_ms = step_ms_for(self.interval_ms)
+        self.client_id = f"{options.client_id_prefix or 'sim'}-{index}"[:64]
+        self.client = self._make_client()
+
+    # --- the client (callbacks run on paho's network thread: they only queue events) ----------
+
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        broker = self.options.broker
+        if broker.username:
+            client.username_pw_set(broker.username, broker.password)
+        if broker.tls:
+            client.tls_set(ca_certs=broker.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        client.max_inflight_messages_set(100)  # paho slows sharply with a large window
+        client.reconnect_delay_set(1, 30)
+        client.on_connect = lambda c, u, flags, code, props: self._events.put(("up", code.is_failure, str(code)))
+        client.on_disconnect = lambda c, u, flags, code, props: self._events.put(("down",))
+        client.on_message = lambda c, u, msg: self._events.put(("msg", msg.topic, msg.payload))
+        return client
+
+    def start_client(self) -> None:
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = SESSION_EXPIRY_S
+        # Clean on the first connect only: paho resumes the session on its own reconnects, so a
+        # command published during a simulated outage is still delivered.
+        self.client.connect_async(
+            self.options.broker.host, self.options.broker.port, keepalive=30,
+            clean_start=mqtt.MQTT_CLEAN_START_FIRST_ONLY, properties=properties,
+        )
+        self.client.loop_start()
+
+    def _publish(self, meter: SimMeter, topic: str, payload: str, qos: int, retain: bool) -> bool:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if qos == 0:
+            return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+        # NO_CONN: paho keeps a QoS 1 message in its outbox and sends it after the reconnect.
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            return False  # refused (outbox full): the core keeps the report in its ring
+        if topic.endswith("/consumption"):
+            self.stats.reports_sent += 1
+            self._pending.append(("report", info))
+            if self.options.duplicate_rate and self.rng.random() < self.options.duplicate_rate:
+                copy = self.client.publish(topic, payload, qos=1, retain=False)
+                if copy.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                    self.stats.duplicates_sent += 1
+                    self._pending.append(("duplicate", copy))
+        return True
+
+    # --- the connection thread ---------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as error:  # reported by Fleet.stop / the progress line
+            self.error = error
+        finally:
+            self.finished.set()
+
+    def _run(self) -> None:
+        self.start_client()
+        step_real = self.step_ms / 1000 / self.options.speed
+        next_at = time.monotonic()
+        since_interval = 0
+        while not self._stop_event.is_set():
+            self._handle_events()
+            for meter in self.meters.values():
+                meter.consume(self.step_ms)
+                meter.clock.advance(self.step_ms)
+                meter.core.loop()
+            since_interval += self.step_ms
+            if since_interval >= self.interval_ms:
+                since_interval = 0
+                self._faults()
+            self._collect_acks()
+            next_at += step_real
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                self._stop_event.wait(delay)
+            else:
+                next_at = time.monotonic()  # behind: simulated time slows down instead of bursting
+
+    def _handle_events(self) -> None:
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if event[0] == "up":
+                if event[1]:
+                    raise ConnectionError(f"broker refused {self.client_id}: {event[2]}")
+                self.connected = True
+                self._cut_pending = False
+                topics = [(f"smartmeter/{m}/command/{kind}", 1) for m in self.meters for kind in ("balance", "relay")]
+                for start in range(0, len(topics), 200):
+                    self.client.subscribe(topics[start:start + 200])
+                for meter in self.meters.values():
+                    meter.core.on_connected()  # ring replay first, then "online"
+            elif event[0] == "down":
+                if self.connected:
+                    for meter in self.meters.values():
+                        meter.core.on_disconnected()
+                self.connected = False
+            else:
+                _, topic, payload = event
+                meter = self.meters.get(topic.split("/")[1]) if topic.count("/") == 3 else None
+                if meter is not None:
+                    self.stats.commands_received += 1
+                    meter.core.on_message(topic, payload)
+
+    def _faults(self) -> None:
+        o = self.options
+        for meter in self.meters.values():
+            if o.register_reset_rate and self.rng.random() < o.register_reset_rate:
+                meter.reset_register()
+                self.stats.register_resets += 1
+            if o.garbage_rate and self.connected and self.rng.random() < o.garbage_rate:
+                self._publish_garbage(meter)
+        if o.drop_rate and self.connected and not self._cut_pending and self.rng.random() < o.drop_rate:
+            self.drop()
+
+    def _publish_garbage(self, meter: SimMeter) -> None:
+        kind = self.rng.choice(GARBAGE_KINDS)
+        nonce = f"{self.client_id}-{self.stats.garbage_sent}-{self.rng.randrange(10**9)}"
+        suffix, payload = garbage_payload(kind, meter.meter_no, nonce)
+        info = self.client.publish(f"smartmeter/{meter.meter_no}/{suffix}", payload, qos=1)
+        if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            self.stats.garbage_sent += 1
+            self._garbage_pending.append((payload, info))
+
+    def drop(self) -> None:
+        """Cut the socket as a network failure would (no DISCONNECT packet). The meters' offline
+        statuses go out first: they stand in for the per-meter Last Will MQTT cannot give."""
+        for meter in self.meters.values():
+            will = meter.core.will_message()
+            info = self.client.publish(will.topic, will.payload, qos=will.qos, retain=will.retain)
+            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                try:
+                    info.wait_for_publish(2.0)  # QoS 0: written to the socket
+                except (RuntimeError, ValueError):
+                    pass
+        outage = self.options.outage_s
+        if outage is None:
+            outage = 2 * self.options.interval_s / self.options.speed
+        # paho reconnects on its own after this delay (its back-off starts at min_delay).
+        self.client.reconnect_delay_set(min_delay=max(outage, 0.05), max_delay=max(outage, 0.05))
+        sock = self.client.socket()
+        self._cut_pending = True
+        self.stats.drops += 1
+        if isinstance(sock, socket.socket):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _collect_acks(self) -> None:
+        still = []
+        for kind, info in self._pending:
+            if info.is_published():
+                if kind == "report":
+                    self.stats.reports_acked += 1
+            else:
+                still.append((kind, info))
+        self._pending = still
+        garbage = []
+        for payload, info in self._garbage_pending:
+            if info.is_published():
+                self.garbage.append(payload)
+                self.stats.garbage_acked += 1
+            else:
+                garbage.append((payload, info))
+        self._garbage_pending = garbage
+
+    # --- stopping (called from the fleet's thread once this thread has finished) --------------
+
+    def flush(self, timeout: float) -> bool:
+        """Final report of every meter (its register frozen), then wait until the rings are empty
+        and every QoS 1 publish is acknowledged. True when everything was delivered in time."""
+        deadline = time.monotonic() + timeout
+        for meter in self.meters.values():
+            meter.sensor_live = False  # the household stops: the final report covers everything
+        self.client.reconnect_delay_set(min_delay=0.2, max_delay=1)
+        reported = False
+        while time.monotonic() < deadline:
+            self._handle_events()
+            if not reported and self.connected:
+                for meter in self.meters.values():
+                    # One last interval: the sample picks up the remaining delta, the report
+                    # carries the final energyTotal.
+                    meter.clock.advance(self.interval_ms)
+                    meter.core.loop()
+                reported = True
+            if self.connected:
+                for meter in self.meters.values():
+                    meter.core.loop()  # replays whatever the ring still holds
+            self._collect_acks()
+            if reported and not self._pending and not self._garbage_pending and all(
+                meter.core.buffered == 0 for meter in self.meters.values()
+            ):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def close(self) -> None:
+        if self.connected:
+            for meter in self.meters.values():
+                will = meter.core.will_message()
+                info = self.client.publish(will.topic, will.payload, qos=1, retain=True)
+                try:
+                    info.wait_for_publish(2.0)
+                except (RuntimeError, ValueError):
+                    pass
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Fleet:
+    """A running fleet: `start()`, watch `snapshot()`, then `stop()` (delivers everything)."""
+
+    def __init__(self, options: FleetOptions) -> None:
+        options.validate()
+        self.options = options
+        self._stop = threading.Event()
+        count = min(options.connections, len(options.meter_nos))
+        groups: list[list[str]] = [options.meter_nos[i::count] for i in range(count)]
+        self.connections = [Connection(i, group, options, self._stop) for i, group in enumerate(groups)]
+        self.started_at = 0.0
+
+    @property
+    def meters(self) -> dict[str, SimMeter]:
+        return {m: meter for c in self.connections for m, meter in c.meters.items()}
+
+    def start(self) -> Fleet:
+        self.started_at = time.monotonic()
+        for connection in self.connections:
+            connection.start()
+        return self
+
+    def snapshot(self) -> dict:
+        total = Stats()
+        for connection in self.connections:
+            total.add(connection.stats)
+        meters = [m for c in self.connections for m in c.meters.values()]
+        return {
+            "meters": len(meters),
+            "connected": sum(len(c.meters) for c in self.connections if c.connected),
+            "stats": total,
+            "buffered": sum(m.core.buffered for m in meters),
+            "measured_kwh": sum((m.measured_kwh for m in meters), Decimal("0.000000")),
+            "errors": [c.error for c in self.connections if c.error is not None],
+            "elapsed_s": time.monotonic() - self.started_at,
+        }
+
+    def progress_line(self) -> str:
+        s = self.snapshot()
+        st: Stats = s["stats"]
+        return (
+            f"[sim] {s['connected']}/{s['meters']} meters connected | reports sent {st.reports_sent}, "
+            f"acked {st.reports_acked}, buffered {s['buffered']} | commands received {st.commands_received} | "
+            f"faults: drops {st.drops}, duplicates {st.duplicates_sent}, register resets {st.register_resets}, "
+            f"garbage {st.garbage_sent} | measured {s['measured_kwh']} kWh | {s['elapsed_s']:.0f} s"
+        )
+
+    def failed(self) -> BaseException | None:
+        return next((c.error for c in self.connections if c.error is not None), None)
+
+    def stop(self, *, flush_timeout: float = 60.0) -> bool:
+        """Stop the meters, send every meter's final report and wait for all PUBACKs, publish
+        `offline` for every meter, disconnect. True when everything was acknowledged."""
+        self._stop.set()
+        for connection in self.connections:
+            connection.finished.wait()
+        delivered = True
+        for connection in self.connections:
+            if connection.error is None:
+                delivered = connection.flush(flush_timeout) and delivered
+            else:
+                delivered = False
+        for connection in self.connections:
+            connection.close()
+        return delivered
+
+    def run(self, *, duration_s: float | None, reports: int | None, progress_s: float,
+            out: Callable[[str], None], stop_requested: threading.Event) -> None:
+        """Foreground loop of the management command: progress lines until a limit is reached."""
+        next_progress = time.monotonic() + progress_s
+        while not stop_requested.wait(0.1):
+            error = self.failed()
+            if error is not None:
+                raise error
+            if duration_s is not None and time.monotonic() - self.started_at >= duration_s:
+                break
+            if reports is not None and self.snapshot()["stats"].reports_sent >= reports:
+                break
+            if time.monotonic() >= next_progress:
+                out(self.progress_line())
+                next_progress += progress_s
