@@ -113,8 +113,11 @@ def test_drops_buffer_and_replay_every_report_and_commands_reach_their_meter(pri
         resume={m: Resume(energy_total=10.0, balance=50.0, next_seq=100) for m in meters},
     )).start()
     try:
-        wait_until(lambda: fleet.snapshot()["stats"].drops >= 2 and fleet.snapshot()["stats"].reports_acked >= 24,
-                   "two drops and some reports")
+        def enough():
+            st = fleet.snapshot()["stats"]
+            return st.drops >= 2 and st.duplicates_sent >= 1 and st.reports_acked >= 24
+
+        wait_until(enough, "two drops, a duplicate and some reports")
         command = json.dumps({"balance": 7.5, "timestamp": 1698765432000, "energyTotal": 10.0, "cmdId": "cmd-42"})
         wait_until(lambda: fleet.connections[1].connected, "SIMB's connection")
         spy.client.publish("smartmeter/SIMB/command/balance", command, qos=1)
