@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import httpx
 import pytest
+from django.db import connection
 
 from tests.conftest import PASSWORD
 
@@ -24,7 +25,15 @@ def _poll(client: httpx.Client, url: str, done) -> dict:
         time.sleep(0.2)
 
 
+@pytest.fixture
+def _no_persistent_connections(monkeypatch):
+    # The live server answers each request in a new thread; persistent connections would outlive
+    # those threads and keep the test database busy at teardown.
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
+
+
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("_no_persistent_connections")
 def test_sign_in_buy_units_poll_and_see_the_new_balance(live_server, fake_daraja, alice_meter, settings):
     settings.MPESA_CALLBACK_BASE_URL = live_server.url
     fake_daraja.next("success", delay=0.5)
@@ -64,6 +73,7 @@ def test_sign_in_buy_units_poll_and_see_the_new_balance(live_server, fake_daraja
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("_no_persistent_connections")
 def test_a_key_reused_for_a_different_purchase_is_refused(live_server, fake_daraja, alice_meter, bob_meter, settings):
     settings.MPESA_CALLBACK_BASE_URL = live_server.url
     api = f"{live_server.url}/api/v1"
