@@ -5,14 +5,19 @@ Every view is tested for the person who must not see it.
 """
 
 import os
+import subprocess
+import sys
 from decimal import Decimal
 
+import httpx
 import pytest
+from django.core.cache import cache
 from django.db import connection
 
 from meters import services
 from meters.models import Tariff
-from tests.support.services import PrivateMosquitto, require_services, url_reachable
+from payments import daraja
+from tests.support.services import ROOT, PrivateMosquitto, free_port, require_services, url_reachable, wait_for_port
 
 PASSWORD = "correct-horse-battery-42"
 
@@ -89,3 +94,52 @@ def alice_meter(alice, tariff):
 @pytest.fixture
 def bob_meter(bob, tariff):
     return services.meter_provision(meter_no="METER-B1", owner=bob, tariff=tariff)
+
+
+# The project's fake Daraja server (payments.fake_daraja) as a real subprocess.
+
+
+class FakeDarajaProcess:
+    def __init__(self, port: int, process: subprocess.Popen):
+        self.port = port
+        self.process = process
+        self.url = f"http://127.0.0.1:{port}"
+
+    def control(self, action: str, **body) -> dict:
+        response = httpx.post(f"{self.url}/__fake__/{action}", json=body, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def state(self) -> dict:
+        return httpx.get(f"{self.url}/__fake__/state", timeout=10).json()
+
+    def next(self, outcome: str, delay: float = 0.0) -> None:
+        self.control("next", outcome=outcome, delay=delay)
+
+
+@pytest.fixture(scope="session")
+def fake_daraja_server():
+    port = free_port()
+    log = open(ROOT / "var" / f"fake-daraja-{port}.log", "ab") if (ROOT / "var").is_dir() else subprocess.DEVNULL
+    process = subprocess.Popen(
+        [sys.executable, "-m", "payments.fake_daraja", "--port", str(port), "--delay", "0", "--outcome", "hold"],
+        cwd=ROOT, stdout=log, stderr=log,
+    )
+    try:
+        wait_for_port("127.0.0.1", port, timeout=20)
+        yield FakeDarajaProcess(port, process)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def fake_daraja(fake_daraja_server, settings):
+    """A fresh fake (no tokens, no transactions; STK pushes held until a test delivers them)
+    with MPESA_BASE_URL pointing at it and no cached token."""
+    fake_daraja_server.control("reset")
+    fake_daraja_server.control("config", outcome="hold", delay=0, c2b_delivery="once")
+    settings.MPESA_BASE_URL = fake_daraja_server.url
+    cache.delete(daraja._token_key())
+    yield fake_daraja_server
+    cache.delete(daraja._token_key())

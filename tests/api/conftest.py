@@ -51,5 +51,3 @@ def staff_api(staff_user) -> APIClient:
     return client_with(sign_in("sam"))
 
 
-# The payments tests' fake Daraja (a real subprocess of payments.fake_daraja), reused here.
-from tests.payments.conftest import fake_daraja, fake_daraja_server  # noqa: E402,F401
