@@ -16,7 +16,7 @@ actor "meter", idempotency key per reading identity); commands still go through
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -191,8 +191,12 @@ def _apply_consumption(
 ) -> None:
     _load_seen_keys(states, [report for _, report in items])
     readings, debits = [], []
-    last: dict[str, tuple[ConsumptionReport, Decimal]] = {}
-    debited: Counter[str] = Counter()
+    touched: dict[str, None] = {}  # the batch's meters, in arrival order
+    # Per meter, its newest report in the batch that advanced its state, with the ledger balance
+    # right after it: the one whose remainingBalance is compared with the ledger. A late or
+    # redelivered older report carries an older balance and must not look like drift.
+    newest: dict[str, tuple[ConsumptionReport, Decimal]] = {}
+    debited: dict[str, Decimal] = {}
     anomalies: dict[str, str] = {}
     for message, report in items:
         state = states[report.meter_no]
@@ -207,11 +211,15 @@ def _apply_consumption(
         )
         if outcome.debit_kwh > 0:
             debits.append((state.meter_id, -outcome.debit_kwh, f"reading:{state.meter_id}:{report.dedup_key}"))
-            debited[report.meter_no] += outcome.debit_kwh
+            debited[report.meter_no] = debited.get(report.meter_no, ZERO) + outcome.debit_kwh
         if outcome.anomaly:
             anomalies[report.meter_no] = outcome.anomaly
             logger.warning("Anomaly - Meter: %s, %s", report.meter_no, outcome.anomaly)
-        last[report.meter_no] = (report, outcome.balance_after_kwh)
+        touched[report.meter_no] = None
+        if _advances(state, report, outcome.is_duplicate) and (
+            report.meter_no not in newest or _order(report) >= _order(newest[report.meter_no][0])
+        ):
+            newest[report.meter_no] = (report, outcome.balance_after_kwh)
         result.consumption += 1
         result.duplicates += outcome.is_duplicate
         result.lines.append(
@@ -220,11 +228,11 @@ def _apply_consumption(
         )
     meter_rows = [
         (
-            states[meter_no].meter_id, debited[meter_no], states[meter_no].energy_high_kwh,
-            states[meter_no].energy_floor_kwh, states[meter_no].energy_seq, report.remaining_balance_kwh,
-            states[meter_no].anomaly[:200],
+            states[meter_no].meter_id, debited.get(meter_no, ZERO), states[meter_no].energy_high_kwh,
+            states[meter_no].energy_floor_kwh, states[meter_no].energy_seq,
+            newest[meter_no][0].remaining_balance_kwh if meter_no in newest else None, states[meter_no].anomaly[:200],
         )
-        for meter_no, (report, _) in last.items()
+        for meter_no in touched
     ]
     if connection.vendor == "postgresql":
         _write_consumption_pg(readings, debits, meter_rows, now)
@@ -234,26 +242,38 @@ def _apply_consumption(
 
     drifting = [
         meter_no
-        for meter_no, (report, balance) in last.items()
+        for meter_no, (report, balance) in newest.items()
         if abs(report.remaining_balance_kwh - balance) > RESYNC_TOLERANCE_KWH
         and (extra[meter_no].last_resync_at is None or now - extra[meter_no].last_resync_at >= RESYNC_INTERVAL)
     ]
     for meter_no in drifting:
         meter_command_queue_balance(meter_no=meter_no, reason="resync", actor=WORKER_ACTOR)
-        logger.info("Resync - Meter: %s, reported %s, ledger %s", meter_no, last[meter_no][0].remaining_balance_kwh,
-                    last[meter_no][1])
+        logger.info("Resync - Meter: %s, reported %s, ledger %s", meter_no, newest[meter_no][0].remaining_balance_kwh,
+                    newest[meter_no][1])
     if drifting:
         Meter.objects.filter(id__in=[states[n].meter_id for n in drifting]).update(last_resync_at=now)
-    for meter_no, (report, balance) in last.items():
-        text = str(balance)
+    for meter_no in touched:
+        report = newest[meter_no][0] if meter_no in newest else None
+        text = str(states[meter_no].balance_kwh)
         result.events.append({"meterNo": meter_no, "type": "balance", "balance": text, "kind": LedgerKind.CONSUMPTION_DEBIT})
         result.events.append(
             {
-                "meterNo": meter_no, "type": "reading", "balance": text, "debit": str(debited[meter_no]),
-                "remainingBalance": str(report.remaining_balance_kwh), "energyTotal":
-                None if report.energy_total_kwh is None else str(report.energy_total_kwh), "at": now.isoformat(),
+                "meterNo": meter_no, "type": "reading", "balance": text, "debit": str(debited.get(meter_no, ZERO)),
+                "remainingBalance": None if report is None else str(report.remaining_balance_kwh),
+                "energyTotal": str(states[meter_no].energy_high_kwh) if states[meter_no].energy_high_kwh is not None else None,
+                "at": now.isoformat(),
             }
         )
+
+
+def _advances(state: MeterState, report: ConsumptionReport, is_duplicate: bool) -> bool:
+    if is_duplicate:
+        return False
+    return report.energy_total_kwh is None or report.energy_total_kwh == state.energy_high_kwh
+
+
+def _order(report: ConsumptionReport) -> tuple[int, int]:
+    return (report.seq if report.seq is not None else -1, report.timestamp_ms)
 
 
 def _utc_from_ms(timestamp_ms: int) -> datetime:
@@ -261,10 +281,13 @@ def _utc_from_ms(timestamp_ms: int) -> datetime:
     return datetime.fromtimestamp(seconds, tz=UTC).replace(microsecond=millis * 1000)
 
 
+@contextmanager
 def _pg_cursor():
     # A server-side-binding cursor on Django's own connection (same transaction): arrays go to
-    # PostgreSQL as typed parameters instead of being rendered into SQL text client-side.
-    return psycopg.Cursor(connection.connection)
+    # PostgreSQL as typed parameters instead of being rendered into SQL text client-side. Its
+    # errors are turned into Django's (OperationalError → the worker retries the batch).
+    with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
+        yield cursor
 
 
 def _write_consumption_pg(readings: list, debits: list, meter_rows: list, now: datetime) -> None:
@@ -290,7 +313,8 @@ def _write_consumption_pg(readings: list, debits: list, meter_rows: list, now: d
         ids, debit, high, floor, seq, reported, anomaly = (list(column) for column in zip(*meter_rows, strict=True))
         cursor.execute(
             f"UPDATE {meter_table} AS m SET balance_kwh = m.balance_kwh - t.debit, last_energy_total_kwh = t.high,"
-            " energy_floor_kwh = t.floor, last_energy_seq = t.seq, last_reported_balance_kwh = t.reported,"
+            " energy_floor_kwh = t.floor, last_energy_seq = t.seq,"
+            " last_reported_balance_kwh = COALESCE(t.reported, m.last_reported_balance_kwh),"
             " anomaly = t.anomaly, last_seen_at = %s"
             " FROM unnest(%s::bigint[], %s::numeric[], %s::numeric[], %s::numeric[], %s::bigint[], %s::numeric[],"
             " %s::text[]) AS t(id, debit, high, floor, seq, reported, anomaly) WHERE m.id = t.id",
@@ -317,7 +341,8 @@ def _write_consumption_orm(readings: list, debits: list, meter_rows: list, now: 
     with connection.cursor() as cursor:
         cursor.executemany(
             f"UPDATE {Meter._meta.db_table} SET balance_kwh = balance_kwh - %s, last_energy_total_kwh = %s,"
-            " energy_floor_kwh = %s, last_energy_seq = %s, last_reported_balance_kwh = %s, anomaly = %s,"
+            " energy_floor_kwh = %s, last_energy_seq = %s,"
+            " last_reported_balance_kwh = COALESCE(%s, last_reported_balance_kwh), anomaly = %s,"
             " last_seen_at = %s WHERE id = %s",
             [(debit, high, floor, seq, reported, anomaly, now, meter_id)
              for meter_id, debit, high, floor, seq, reported, anomaly in meter_rows],

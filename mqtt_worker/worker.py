@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import signal
@@ -30,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from meters.events import send_meter_events
+from meters.events import STAFF_GROUP, meter_group
 from mqtt_worker.codec import shared_subscriptions
 from mqtt_worker.ingest import BatchResult, Message, ingest_batch
 
@@ -68,9 +69,14 @@ def configure_client(client: mqtt.Client) -> None:
 
 
 class EventSender(threading.Thread):
-    """Live events off the hot path: committed state is queued here, coalesced per meter and
-    kind, and sent through the channel layer as fast as Redis allows. If it falls behind only
-    the latest state of each meter is sent; events are a view, the database is the state."""
+    """Live events off the hot path. Committed state is queued here, coalesced per meter and
+    kind (the latest wins), and sent to the meter's group and the staff group (the message
+    meters.events.send_meter_events sends) from one asyncio loop of this thread's own: about
+    0.1 ms per group_send instead of ~2.5 ms through async_to_sync. Sends are capped at
+    MAX_SENDS_PER_S so a flood of reports cannot starve ingestion; meanwhile newer state simply
+    replaces older in the queue. Events are a view: if Redis is down they are logged and dropped."""
+
+    MAX_SENDS_PER_S = 2000
 
     def __init__(self) -> None:
         super().__init__(name="live-events", daemon=True)
@@ -87,14 +93,35 @@ class EventSender(threading.Thread):
             self._lock.notify()
 
     def run(self) -> None:
+        from channels.layers import get_channel_layer
+
+        layer = get_channel_layer()
+        loop = asyncio.new_event_loop()
         while True:
             with self._lock:
                 while not self._pending and not self._stopping:
                     self._lock.wait()
-                if self._stopping and not self._pending:
-                    return
+                if self._stopping:
+                    break
                 events, self._pending = list(self._pending.values()), {}
-            send_meter_events(events)
+            if layer is None:
+                continue
+            started = time.monotonic()
+            try:
+                loop.run_until_complete(self._send(layer, events))
+            except Exception as error:
+                logger.warning("Live events not sent: channel layer unavailable (%s)", error)
+            pause = 2 * len(events) / self.MAX_SENDS_PER_S - (time.monotonic() - started)
+            if pause > 0 and not self._stopping:
+                time.sleep(pause)
+        loop.close()
+
+    @staticmethod
+    async def _send(layer, events: list[dict]) -> None:
+        for event in events:
+            message = {"type": "meter.event", "event": event}
+            await layer.group_send(meter_group(event["meterNo"]), message)
+            await layer.group_send(STAFF_GROUP, message)
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._lock:
@@ -268,12 +295,13 @@ class IngestWorker:
             )
 
     def _trace(self, committed_ns: int, batch: list[_Received]) -> None:
-        """Benchmark instrumentation (--trace-commits): per commit, its time and the reports' seqs."""
-        seqs = []
+        """Benchmarks (--trace-commits): per commit, its time and the reports' meterNo:seq."""
+        keys = []
         for item in batch:
             try:
-                seqs.append(str(orjson.loads(item.message.payload).get("seq")))
+                data = orjson.loads(item.message.payload)
+                keys.append(f"{data.get('meterNo')}:{data.get('seq')}")
             except (orjson.JSONDecodeError, AttributeError):
-                seqs.append("-")
+                keys.append("-")
         with open(self.trace_path, "a") as trace:
-            trace.write(f"{committed_ns} {','.join(seqs)}\n")
+            trace.write(f"{committed_ns} {','.join(keys)}\n")

@@ -52,7 +52,8 @@ def test_seed_examples_are_accepted_and_accounted(meter001):
     assert (result.consumption, result.statuses, result.balance_reports, result.dead_letters) == (1, 1, 1, 0)
     assert meter_balance_get(meter_no="METER001") == Decimal("10.4952")
     reading = Reading.objects.get()
-    assert (reading.debit_kwh, reading.remaining_balance_kwh, reading.time_trusted) == (Decimal("0.0048"), Decimal("10.4952"), True)
+    assert (reading.debit_kwh, reading.remaining_balance_kwh, reading.time_trusted) == (
+        Decimal("0.0048"), Decimal("10.4952"), True)
     assert reading.reading_at.timestamp() == 1698765432
     entry = LedgerEntry.objects.filter(kind="consumption_debit").get()
     assert (entry.units_kwh, entry.actor, entry.idempotency_key) == (
@@ -181,3 +182,22 @@ def test_bad_messages_become_dead_letters_and_valid_ones_around_them_count(meter
     assert "invalid JSON" in reasons and "differs from the topic" in reasons and "unknown meter NOPE" in reasons
     assert "more than 1024" in reasons
     assert any(letter.payload_text.startswith("\\xff\\xfe not json") for letter in letters)
+
+
+def test_batch_of_meters_with_and_without_debits(meter001, alice_meter):
+    first = consumption("METER001", 0.5, seq=1, energy=20.5, remaining=10.0)
+    ingest_batch([first], client_id="t")
+    # METER001 sends only a copy (no debit), METER-A1 a new report: one statement for both rows.
+    ingest_batch([first, consumption("METER-A1", 0.25, seq=1, remaining=-0.25)], client_id="t")
+    assert meter_balance_get(meter_no="METER001") == Decimal("10.0")
+    assert meter_balance_get(meter_no="METER-A1") == Decimal("-0.25")
+
+
+def test_a_late_older_report_is_not_drift(meter001):
+    ingest_batch([consumption("METER001", 0.5, seq=2, energy=21, remaining=10.0)], client_id="t")
+    ingest_batch([consumption("METER001", 0.5, seq=3, energy=21.5, remaining=9.5)], client_id="t")
+    # seq 1 arrives last (a redelivery): charged once, its old remainingBalance is no drift.
+    ingest_batch([consumption("METER001", 0.5, seq=1, energy=20.5, remaining=10.5)], client_id="t")
+    assert meter_balance_get(meter_no="METER001") == Decimal("9.0")
+    assert not MeterCommand.objects.exists()
+    assert Meter.objects.get(meter_no="METER001").last_reported_balance_kwh == Decimal("9.5")
