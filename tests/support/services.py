@@ -48,6 +48,19 @@ def url_reachable(url: str, default_port: int) -> bool:
     return port_open(parts.hostname or "127.0.0.1", parts.port or default_port)
 
 
+def _hand_to_mosquitto_user(folder: Path) -> None:
+    """Mosquitto started as root drops to the `mosquitto` user, which must be able to write its
+    persistence file; otherwise queued messages would silently not survive a restart."""
+    if os.geteuid() != 0:
+        return
+    try:
+        shutil.chown(folder, "mosquitto", "mosquitto")
+    except (LookupError, PermissionError):
+        return
+    for path in folder.iterdir():
+        shutil.chown(path, "mosquitto", "mosquitto")
+
+
 @dataclass
 class PrivateMosquitto:
     """A Mosquitto process of our own, with the project's config and persistence."""
@@ -73,6 +86,7 @@ class PrivateMosquitto:
         if shutil.which("mosquitto") is None:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
         config = self._write_config()
+        _hand_to_mosquitto_user(self.workdir)
         log = open(self.workdir / "mosquitto.log", "ab")
         self.process = subprocess.Popen(["mosquitto", "-c", str(config)], stdout=log, stderr=log)
         wait_for_port("127.0.0.1", self.port)
