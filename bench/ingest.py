@@ -102,19 +102,35 @@ def _reports(meter_nos: list[str], rounds: range, *, ext: bool = True):
     return messages, total
 
 
-def _publisher(port: int):
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
+class _Publisher:
+    """Meters' side: QoS 1 with at most WINDOW reports awaiting PUBACK. Queuing 200,000 messages
+    inside paho instead stalls it (seen here: it stopped sending after ~70,000)."""
 
-    from mqtt_worker.worker import tune_socket
+    WINDOW = 100
 
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-meters", protocol=mqtt.MQTTv5)
-    client.max_inflight_messages_set(100)  # a paho publisher slows sharply with a large window
-    client.max_queued_messages_set(0)
-    client.on_socket_open = lambda c, u, sock: tune_socket(sock)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    return client
+    def __init__(self, port: int) -> None:
+        import threading
+
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        from mqtt_worker.worker import tune_socket
+
+        self.window = threading.BoundedSemaphore(self.WINDOW)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-meters", protocol=mqtt.MQTTv5)
+        self.client.max_inflight_messages_set(self.WINDOW)
+        self.client.on_socket_open = lambda c, u, sock: tune_socket(sock)
+        self.client.on_publish = lambda c, u, mid, rc, props: self.window.release()
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.window.acquire()
+        self.client.publish(topic, payload, qos=1)
+
+    def disconnect(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
 def _trace(path: Path) -> dict[str, int]:
@@ -178,11 +194,11 @@ def main() -> None:
             args += ["--batch-size", BATCH_SIZE]
         worker, worker_log = run.start(args, "worker")
         processes.append(worker)
-        client = _publisher(broker.port)
+        client = _Publisher(broker.port)
         print(f"Publishing {len(messages):,} reports from {METERS:,} meters…", flush=True)
         first_publish = time.time_ns()
         for topic, payload, _ in messages:
-            client.publish(topic, payload, qos=1)
+            client.publish(topic, payload)
         publish_done = time.time_ns()
         _wait_for(lambda: committed("BENCH") >= len(messages), "every report committed", process=worker)
         last_commit = max(_trace(trace).values())
@@ -203,7 +219,7 @@ def main() -> None:
             if delay > 0:
                 time.sleep(delay)
             published[key] = time.time_ns()
-            client.publish(topic, payload, qos=1)
+            client.publish(topic, payload)
         _wait_for(lambda: committed("BENCH") >= len(messages) + len(steady), "steady reports committed", process=worker)
         commits = _trace(trace)
         latencies = [(commits[key] - at) / 1e6 for key, at in published.items() if key in commits]
@@ -224,7 +240,7 @@ def main() -> None:
         processes.append(naive)
         first_publish = time.time_ns()
         for topic, payload, _ in naive_messages:
-            client.publish(topic, payload, qos=1)
+            client.publish(topic, payload)
         _wait_for(lambda: committed("NAIVE") >= len(naive_messages), "the naive ingester", process=naive)
         naive_seconds = (max(_trace(naive_trace).values()) - first_publish) / 1e9
         naive_rate = len(naive_messages) / naive_seconds

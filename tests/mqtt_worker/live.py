@@ -84,14 +84,25 @@ def wait_until(condition, what: str, *, timeout: float = 120.0, process: subproc
 
 
 class Publisher:
-    """A meter-side client: QoS 1, resends whatever the broker did not PUBACK (as meters do)."""
+    """A meter-side client: QoS 1, at most WINDOW reports awaiting PUBACK (queuing thousands
+    inside paho stalls it), resending whatever the broker did not acknowledge, as meters do."""
+
+    WINDOW = 100
 
     def __init__(self, broker_port: int, client_id: str = "test-meters"):
+        self.window = threading.BoundedSemaphore(self.WINDOW)
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        self.client.max_inflight_messages_set(100)
+        self.client.max_inflight_messages_set(self.WINDOW)
         self.client.reconnect_delay_set(0.2, 2)
+        self.client.on_publish = lambda client, userdata, mid, code, properties: self._release()
         self.client.connect("127.0.0.1", broker_port)
         self.client.loop_start()
+
+    def _release(self) -> None:
+        try:
+            self.window.release()
+        except ValueError:  # a PUBACK for a message resent after a reconnect, already released
+            pass
 
     def publish_all(self, messages: list[tuple[str, bytes]], *, qos: int = 1, timeout: float = 180.0) -> None:
         pending = list(messages)
@@ -99,13 +110,13 @@ class Publisher:
         while pending:
             infos = []
             for topic, payload in pending:
-                while not self.client.is_connected() and time.monotonic() < deadline:
-                    time.sleep(0.05)
+                if qos and not self.window.acquire(timeout=max(deadline - time.monotonic(), 0.1)):
+                    raise AssertionError("the broker stopped acknowledging publishes")
                 infos.append(((topic, payload), self.client.publish(topic, payload, qos=qos)))
             if qos == 0:
                 return
-            wait_until(lambda sent=infos: all(info.is_published() or info.rc not in (0, 4) for _, info in sent)
-                       or time.monotonic() > deadline - 1, "PUBACKs", timeout=timeout)
+            wait_until(lambda sent=infos: all(info.is_published() for _, info in sent) or time.monotonic() > deadline,
+                       "PUBACKs", timeout=timeout)
             pending = [message for message, info in infos if not info.is_published()]
             if time.monotonic() > deadline:
                 raise AssertionError(f"{len(pending)} messages never acknowledged by the broker")
