@@ -56,9 +56,18 @@ def command_topic(meter_no: str, kind: str) -> str:
     return f"{TOPIC_PREFIX}/{_meter_no(meter_no)}/command/{kind}"
 
 
-def shared_subscriptions(group: str) -> list[str]:
-    """The worker's subscriptions: MQTT v5 shared, so N workers split the load."""
-    if not group or any(char in group for char in "/+#"):
+def report_subscriptions(group: str) -> list[str]:
+    """The worker's subscriptions. With a group: MQTT v5 shared (`$share/<group>/…`), so N
+    workers split the load. Without one: plain wildcard subscriptions, for a single worker.
+
+    Why both: Mosquitto 2.0.11 (Debian 12's) restores a shared subscription from its persistence
+    file in a form that matches nothing, so reports published after a broker restart and before
+    the worker re-subscribes are dropped (0 of 100 kept, against 100 of 100 for a plain
+    subscription; tests/mqtt_worker/test_broker_facts.py). A single worker is safer without a group.
+    """
+    if group == "":
+        return [f"{TOPIC_PREFIX}/+/{kind}" for kind in REPORT_KINDS]
+    if any(char in group for char in "/+#$ "):
         raise CodecError(f"invalid shared-subscription group {group!r}")
     return [f"$share/{group}/{TOPIC_PREFIX}/+/{kind}" for kind in REPORT_KINDS]
 

@@ -32,7 +32,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from meters.events import STAFF_GROUP, meter_group
-from mqtt_worker.codec import shared_subscriptions
+from mqtt_worker.codec import report_subscriptions
 from mqtt_worker.ingest import BatchResult, Message, ingest_batch
 
 logger = logging.getLogger("mqtt_worker")
@@ -162,15 +162,15 @@ class IngestWorker:
         logger.info(
             "Connected to broker as %s (session %s)", self.client_id, "resumed" if flags.session_present else "new"
         )
-        client.subscribe([(topic, 1) for topic in shared_subscriptions(self.group)])
+        client.subscribe([(topic, 1) for topic in report_subscriptions(self.group)])
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        for topic, code in zip(shared_subscriptions(self.group), reason_codes, strict=False):
+        for topic, code in zip(report_subscriptions(self.group), reason_codes, strict=False):
             if code.is_failure:
                 logger.error("Subscription to %s refused: %s", topic, code)
             else:
                 logger.debug("Subscribed to: %s", topic)
-        logger.info("Subscribed to: %s", ", ".join(shared_subscriptions(self.group)))
+        logger.info("Subscribed to: %s", ", ".join(report_subscriptions(self.group)))
         self._connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:

@@ -4,6 +4,7 @@
 loads it into every process; nothing here reads `.env` itself, so tests see only what they set.
 """
 
+import os
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -116,7 +117,9 @@ MQTT_URL = env_str("MQTT_URL", "mqtt://127.0.0.1:1883")
 MQTT = mqtt_from_url("MQTT_URL", MQTT_URL)
 MQTT_CA_FILE = env_str("MQTT_CA_FILE", " ").strip() or None
 MQTT_CLIENT_ID = env_str("MQTT_CLIENT_ID", "ingest-0")
-MQTT_SHARED_GROUP = env_str("MQTT_SHARED_GROUP", "ingest")
+# Empty: one worker with plain subscriptions (survives broker restarts on Mosquitto 2.0.11).
+# A name: N workers split the load through `$share/<name>/…` (see README, "Scaling out").
+MQTT_SHARED_GROUP = os.environ.get("MQTT_SHARED_GROUP", "").strip()
 MQTT_SESSION_EXPIRY_S = env_int("MQTT_SESSION_EXPIRY_S", 86400, minimum=0)
 MQTT_BATCH_SIZE = env_int("MQTT_BATCH_SIZE", 500, minimum=1)
 MQTT_BATCH_WAIT_MS = env_int("MQTT_BATCH_WAIT_MS", 10, minimum=0)

@@ -101,8 +101,13 @@ def test_relay_command_and_topics():
         codec.encode_relay_command(state="dim", timestamp_ms=5)
     assert codec.command_topic("METER001", "balance") == "smartmeter/METER001/command/balance"
     assert codec.parse_command_topic("smartmeter/METER001/command/relay") == ("METER001", "relay")
-    assert codec.shared_subscriptions("ingest") == [
+    assert codec.report_subscriptions("ingest") == [
         "$share/ingest/smartmeter/+/consumption", "$share/ingest/smartmeter/+/status", "$share/ingest/smartmeter/+/balance"]
+    assert codec.report_subscriptions("") == [
+        "smartmeter/+/consumption", "smartmeter/+/status", "smartmeter/+/balance"]
+    for bad in ("a/b", "a+", "#", "$share", "a b"):
+        with pytest.raises(CodecError):
+            codec.report_subscriptions(bad)
 
 
 @settings(max_examples=300, deadline=None)
