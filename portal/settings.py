@@ -111,6 +111,8 @@ CELERY_BEAT_SCHEDULE = {
     "publish-pending-commands": {"task": "mqtt_worker.tasks.publish_pending_commands", "schedule": 5.0},
     # M-Pesa: STK pushes still pending after ~90 s are queried with back-off.
     "reconcile-pending-payments": {"task": "payments.tasks.reconcile_pending_payments", "schedule": 30.0},
+    # Firebase mirror: meters whose state changed are written to the Realtime Database.
+    "firebase-mirror-sync": {"task": "meters.tasks.firebase_mirror_sync", "schedule": 2.0},
 }
 
 MQTT_URL = env_str("MQTT_URL", "mqtt://127.0.0.1:1883")
