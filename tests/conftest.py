@@ -28,6 +28,20 @@ def _missing(what: str) -> None:
     pytest.skip(f"{what} not available")
 
 
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker):
+    """Subprocesses (workers, web servers) may leave a PostgreSQL session open for a moment
+    after they exit; end them so the test database can be dropped at the end of the run."""
+    yield
+    with django_db_blocker.unblock():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+
+
 @pytest.fixture
 def postgres(db):
     """For tests that need real PostgreSQL (row locks, concurrency, set-based SQL)."""

@@ -36,6 +36,7 @@ def test_owner_gets_snapshot_then_live_balance(redis_url, alice_meter):
     assert connected
     assert messages[0]["type"] == "snapshot" and messages[0]["balance"] == "0.000000"
     assert messages[1]["type"] == "balance" and messages[1]["balance"] == "3.500000"
+    assert messages[1]["balanceKes"] == "87.50"
 
 
 def test_other_customer_and_anonymous_are_refused(redis_url, alice_meter, bob):
