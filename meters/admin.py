@@ -14,8 +14,9 @@ from meters.errors import DomainError
 from meters.models import Customer, LedgerEntry, Meter, MeterCommand, Reading, StatusEvent, Tariff
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """Rows that are history: visible, never edited or deleted from the admin."""
+class ReadOnlyMixin:
+    """Rows that are history: visible, never added, edited or deleted from the admin.
+    Shared by every app's admin (payments, dead letters) and by inlines."""
 
     def has_add_permission(self, request, obj=None):
         return False
@@ -25,6 +26,10 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+class ReadOnlyAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    pass
 
 
 @admin.register(Customer)

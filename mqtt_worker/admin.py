@@ -1,10 +1,11 @@
 from django.contrib import admin
 
+from meters.admin import ReadOnlyAdmin
 from mqtt_worker.models import DeadLetter
 
 
 @admin.register(DeadLetter)
-class DeadLetterAdmin(admin.ModelAdmin):
+class DeadLetterAdmin(ReadOnlyAdmin):
     """Read-only: a dead letter is evidence of what a meter (or an impostor) sent."""
 
     list_display = ["received_at", "topic", "reason", "client_id"]
@@ -17,12 +18,3 @@ class DeadLetterAdmin(admin.ModelAdmin):
     @admin.display(description="payload")
     def payload_text(self, obj: DeadLetter) -> str:
         return obj.payload_text
-
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False

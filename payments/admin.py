@@ -7,20 +7,10 @@ from django import forms
 from django.contrib import admin, messages
 from django.shortcuts import render
 
+from meters.admin import ReadOnlyMixin
 from meters.errors import DomainError
 from payments import services
 from payments.models import Callback, Payment, PaymentAudit, PaymentStatus
-
-
-class ReadOnlyMixin:
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 class CallbackInline(ReadOnlyMixin, admin.TabularInline):
