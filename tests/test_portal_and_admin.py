@@ -42,6 +42,9 @@ def test_staff_admin_pages_load(client, staff_user, alice_meter):
     client.force_login(staff_user)
     for name in ("customer", "meter", "tariff", "ledgerentry", "reading", "statusevent", "metercommand"):
         assert client.get(reverse(f"admin:meters_{name}_changelist")).status_code == 200, name
+    for name in ("payments_payment", "payments_callback", "mqtt_worker_deadletter"):
+        assert client.get(reverse(f"admin:{name}_changelist")).status_code == 200, name
+        assert client.get(reverse(f"admin:{name}_add")).status_code == 403, name
     assert client.get(reverse("admin:meters_meter_change", args=[alice_meter.pk])).status_code == 200
 
 
