@@ -143,6 +143,8 @@ def _post(
             return Posting(existing, False, meter.balance_kwh)
         Meter.objects.filter(pk=meter.pk).update(balance_kwh=F("balance_kwh") + units_kwh)
         balance = meter.balance_kwh + units_kwh
+        # The Firebase mirror learns of every posting (payments, adjustments) in the same transaction.
+        firebase_mirror_mark(meter_ids=[meter.pk])
         send_meter_events_on_commit(
             [{"meterNo": meter.meter_no, "type": "balance", "balance": str(balance), "kind": kind}]
         )
