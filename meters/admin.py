@@ -11,7 +11,7 @@ from django.shortcuts import render
 
 from meters import services
 from meters.errors import DomainError
-from meters.models import Customer, LedgerEntry, Meter, MeterCommand, Reading, StatusEvent, Tariff
+from meters.models import Customer, FirebaseMirror, LedgerEntry, Meter, MeterCommand, Reading, StatusEvent, Tariff
 
 
 class ReadOnlyMixin:
@@ -172,3 +172,35 @@ class MeterCommandAdmin(ReadOnlyAdmin):
     list_filter = ["kind", "status", "reason"]
     search_fields = ["meter__meter_no", "cmd_id"]
     list_select_related = ["meter"]
+
+
+class MirrorPendingFilter(admin.SimpleListFilter):
+    title = "mirror"
+    parameter_name = "pending"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Pending (changed since the last write)"), ("no", "Up to date")]
+
+    def queryset(self, request, queryset):
+        from django.db.models import F
+
+        if self.value() == "yes":
+            return queryset.filter(version__gt=F("synced_version"))
+        if self.value() == "no":
+            return queryset.filter(version__lte=F("synced_version"))
+        return queryset
+
+
+@admin.register(FirebaseMirror)
+class FirebaseMirrorAdmin(ReadOnlyAdmin):
+    """Where the Firebase mirror stands per meter (meters.firebase writes it; nobody edits it)."""
+
+    list_display = ["meter", "version", "synced_version", "is_pending", "marked_at", "synced_at"]
+    list_filter = [MirrorPendingFilter]
+    search_fields = ["meter__meter_no"]
+    list_select_related = ["meter"]
+    ordering = ["-marked_at"]
+
+    @admin.display(boolean=True, description="pending")
+    def is_pending(self, obj):
+        return obj.version > obj.synced_version
