@@ -147,6 +147,8 @@ def _server_value(value: dict, current):
 def to_wire(value):
     """Objects whose keys are dense non-negative integers read back as arrays (the database's rule:
     all keys integers and more than half of the slots 0..max filled)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)  # the database keeps doubles and writes integral ones without a fraction
     if not isinstance(value, dict):
         return value
     children = {key: to_wire(child) for key, child in value.items()}
