@@ -108,11 +108,13 @@ CELERY_TIMEZONE = "UTC"
 # twice at once: the rows it works on are claimed atomically.
 CELERY_BEAT_SCHEDULE = {
     # Outbox sweep: commands whose after-commit hint was lost (a crash) are published here.
-    "publish-pending-commands": {"task": "mqtt_worker.tasks.publish_pending_commands", "schedule": 5.0},
+    "publish-pending-commands": {
+        "task": "mqtt_worker.tasks.publish_pending_commands", "schedule": 5.0, "options": {"expires": 10},
+    },
     # M-Pesa: STK pushes still pending after ~90 s are queried with back-off.
     "reconcile-pending-payments": {"task": "payments.tasks.reconcile_pending_payments", "schedule": 30.0},
     # Firebase mirror: meters whose state changed are written to the Realtime Database.
-    "firebase-mirror-sync": {"task": "meters.tasks.firebase_mirror_sync", "schedule": 2.0},
+    "firebase-mirror-sync": {"task": "meters.tasks.firebase_mirror_sync", "schedule": 2.0, "options": {"expires": 10}},
 }
 
 MQTT_URL = env_str("MQTT_URL", "mqtt://127.0.0.1:1883")
