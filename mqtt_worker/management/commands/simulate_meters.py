@@ -57,6 +57,8 @@ class Command(BaseCommand):
         run.add_argument("--duration", type=float, default=None, help="stop after this many real seconds")
         run.add_argument("--reports", type=int, default=None, help="stop after this many consumption reports")
         run.add_argument("--progress", type=float, default=5.0, help="seconds between progress lines")
+        run.add_argument("--stop-timeout", type=float, default=60.0,
+                         help="on stop, seconds to wait for the final reports' PUBACKs (default 60)")
         run.add_argument("--mqtt-url", default=None, help="broker URL (default: settings.MQTT, i.e. MQTT_URL)")
         run.add_argument("--client-id-prefix", default=None, help="MQTT client ids <prefix>-0… (default sim-<pid>)")
         run.add_argument("--seed", type=int, default=None, help="random seed (load model and faults)")
@@ -126,7 +128,7 @@ class Command(BaseCommand):
                       out=self.stdout.write, stop_requested=stop)
         finally:
             self.stdout.write("[sim] stopping: final reports, waiting for PUBACKs…")
-            delivered = fleet.stop(flush_timeout=60)
+            delivered = fleet.stop(flush_timeout=options["stop_timeout"])
             self.stdout.write(fleet.progress_line())
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
