@@ -1,12 +1,25 @@
-"""`python manage.py mqtt_worker`: consume meter reports from MQTT into the database."""
+"""`python manage.py mqtt_worker`: consume meter reports from MQTT into the database.
+
+From the command line the command replaces its process (exec, same pid, so process managers
+and signals are unaffected) with one that sets Django up with only the apps the worker uses
+(WORKER_APPS). `manage.py` loads every installed app first: Daphne with Twisted, the admin,
+DRF, drf-spectacular, payments with httpx… 86 MB before the first report, against the 100 MB
+the worker has in all. `--all-apps` keeps the full set (e.g. to debug an import problem).
+"""
 
 import logging
+import os
 import sys
+from pathlib import Path
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from mqtt_worker.worker import IngestWorker
+# What the worker touches: meters' models (which refer to auth's users), its own models, and
+# mqtt_worker's AppConfig.ready(), which registers the outbox dispatcher (Celery).
+WORKER_APPS = ("django.contrib.contenttypes", "django.contrib.auth", "meters", "mqtt_worker")
+_SLIM = "MQTT_WORKER_SLIM_PROCESS"
+_ROOT = Path(__file__).resolve().parents[3]
 
 
 class Command(BaseCommand):
@@ -23,12 +36,28 @@ class Command(BaseCommand):
                             help="Longest wait for a batch to fill after its first message")
         parser.add_argument("--trace-commits", default=None, metavar="PATH",
                             help="Benchmarks: append each commit's time and report seqs to PATH")
+        parser.add_argument("--all-apps", action="store_true",
+                            help="Run in this process with every installed app loaded (more memory)")
+
+    def run_from_argv(self, argv):
+        if os.environ.get(_SLIM) != "1" and not {"--all-apps", "-h", "--help"} & set(argv):
+            # Validate the arguments here, so a mistake is reported before the exec.
+            try:
+                _check(vars(self.create_parser(argv[0], argv[1]).parse_args(argv[2:])))
+            except CommandError:
+                return super().run_from_argv(argv)  # reports it the usual way
+            if "--skip-checks" not in argv:
+                self.check()  # here, with every app loaded: the narrowed process skips them
+            sys.stdout.flush()
+            sys.stderr.flush()
+            env = dict(os.environ, **{_SLIM: "1"})
+            os.execve(sys.executable, [sys.executable, "-c", _SLIM_MAIN, *argv[1:], "--skip-checks"], env)
+        super().run_from_argv(argv)
 
     def handle(self, *args, **options):
-        if options["batch_size"] < 1 or options["batch_wait_ms"] < 0:
-            raise CommandError("--batch-size must be ≥ 1 and --batch-wait-ms ≥ 0")
-        if not options["client_id"] or len(options["client_id"]) > 64:
-            raise CommandError("--client-id must be 1-64 characters")
+        _check(options)
+        from mqtt_worker.worker import IngestWorker
+
         _log_in_seed_style()
         worker = IngestWorker(
             client_id=options["client_id"],
@@ -39,6 +68,26 @@ class Command(BaseCommand):
         )
         worker.install_signal_handlers()
         worker.run()
+
+
+def _check(options: dict) -> None:
+    if options["batch_size"] < 1 or options["batch_wait_ms"] < 0:
+        raise CommandError("--batch-size must be ≥ 1 and --batch-wait-ms ≥ 0")
+    if not options["client_id"] or len(options["client_id"]) > 64:
+        raise CommandError("--client-id must be 1-64 characters")
+
+
+_SLIM_MAIN = f"import sys; sys.path.insert(0, {str(_ROOT)!r}); from {__name__} import slim_main; slim_main()"
+
+
+def slim_main() -> None:
+    """The exec'd process: `sys.argv` is ["-c", "mqtt_worker", options…]."""
+    import django
+
+    settings.INSTALLED_APPS  # noqa: B018 (loads the settings module before they are narrowed)
+    settings.INSTALLED_APPS = [app for app in settings.INSTALLED_APPS if app.split(".apps.")[0] in WORKER_APPS]
+    django.setup()
+    Command().run_from_argv(["manage.py", *sys.argv[1:]])
 
 
 def _log_in_seed_style() -> None:
