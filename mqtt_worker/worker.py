@@ -160,7 +160,7 @@ class IngestWorker:
         self.batch_size = batch_size
         self.batch_wait = batch_wait_ms / 1000
         self.trace_path = trace_path
-        self._inbox: queue.SimpleQueue[_Received] = queue.SimpleQueue()
+        self._inbox: queue.Queue[_Received] = queue.Queue(maxsize=2 * receive_maximum(batch_size))
         self._generation = 0
         self._stop = threading.Event()
         self._connected = threading.Event()
@@ -202,7 +202,18 @@ class IngestWorker:
             logger.warning("Disconnected from broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, msg) -> None:
-        self._inbox.put(_Received(self._generation, msg.mid, msg.qos, Message(msg.topic, msg.payload)))
+        # A full inbox blocks paho's network thread, so it stops reading the socket and TCP
+        # pushes back to the broker: the broker's ReceiveMaximum window alone does not bound
+        # the inbox after a stall on Mosquitto 2.0.11 (see connect()); 200,000 queued reports
+        # then took the worker to 140 MB.
+        item = _Received(self._generation, msg.mid, msg.qos, Message(msg.topic, msg.payload))
+        while True:
+            try:
+                self._inbox.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if self._stop.is_set():
+                    return  # never acked: the broker redelivers it
 
     # --- the main thread --------------------------------------------------------------------
 
