@@ -125,7 +125,7 @@ MQTT_CLIENT_ID = env_str("MQTT_CLIENT_ID", "ingest-0")
 # A name: N workers split the load through `$share/<name>/…` (see README, "Scaling out").
 MQTT_SHARED_GROUP = os.environ.get("MQTT_SHARED_GROUP", "").strip()
 MQTT_SESSION_EXPIRY_S = env_int("MQTT_SESSION_EXPIRY_S", 86400, minimum=0)
-MQTT_BATCH_SIZE = env_int("MQTT_BATCH_SIZE", 500, minimum=1)
+MQTT_BATCH_SIZE = env_int("MQTT_BATCH_SIZE", 1000, minimum=1)
 MQTT_BATCH_WAIT_MS = env_int("MQTT_BATCH_WAIT_MS", 10, minimum=0)
 MQTT_PUBLISHER_CLIENT_ID = env_str("MQTT_PUBLISHER_CLIENT_ID", "publisher")
 
