@@ -13,12 +13,11 @@ import sys
 from decimal import Decimal
 
 import pytest
-from django.db import connection
 
 from meters import services
 from meters.models import Meter
 from tests.conftest import PASSWORD, _missing
-from tests.support.services import ROOT, PrivateRedis, free_port, wait_for_port
+from tests.support.services import ROOT, PrivateRedis, free_port, subprocess_database_url, wait_for_port
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.services]
 
@@ -26,11 +25,6 @@ CHROMIUM_ARGS = [
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-
-
-def _subprocess_database_url() -> str:
-    db = connection.settings_dict
-    return f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
 
 
 @pytest.fixture
@@ -57,7 +51,7 @@ def web(postgres, fake_daraja, tmp_path):
     env = dict(
         os.environ,
         DJANGO_SETTINGS_MODULE="tests.settings",
-        DATABASE_URL=_subprocess_database_url(),
+        DATABASE_URL=subprocess_database_url(),
         REDIS_URL=redis.url,
         MPESA_BASE_URL=fake_daraja.url,
         MPESA_CALLBACK_BASE_URL=f"http://127.0.0.1:{port}",

@@ -8,11 +8,10 @@ import sys
 import time
 
 import pytest
-from django.db import connection
 
 from meters import services
 from tests.firebase.conftest import DATABASE_URL
-from tests.support.services import ROOT, PrivateRedis
+from tests.support.services import ROOT, PrivateRedis, subprocess_database_url
 
 BIN = os.path.dirname(sys.executable)
 
@@ -20,11 +19,10 @@ BIN = os.path.dirname(sys.executable)
 @pytest.fixture
 def celery_with_beat(postgres, fake_rtdb, tmp_path):
     redis = PrivateRedis().start()
-    database = connection.settings_dict
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": f"postgres://{database['USER']}@{database['HOST']}:{database['PORT'] or 5432}/{database['NAME']}",
+        "DATABASE_URL": subprocess_database_url(),
         "REDIS_URL": redis.url,
         "FIREBASE_DATABASE_URL": DATABASE_URL,
         "FIREBASE_DATABASE_EMULATOR_HOST": fake_rtdb.host,

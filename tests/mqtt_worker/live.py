@@ -12,17 +12,11 @@ from pathlib import Path
 from random import Random
 
 import paho.mqtt.client as mqtt
-from django.db import connection
 from paho.mqtt.enums import CallbackAPIVersion
 
 from meters.models import Meter
 from mqtt_worker.codec import ConsumptionReport, encode_consumption_report, report_topic
-from tests.support.services import ROOT
-
-
-def test_database_url() -> str:
-    db = connection.settings_dict
-    return f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+from tests.support.services import ROOT, subprocess_database_url
 
 
 @dataclass
@@ -44,7 +38,7 @@ class WorkerProcess:
         return self.log_dir / f"worker-{self.client_id}.trace"
 
     def start(self) -> "WorkerProcess":
-        env = dict(os.environ, DJANGO_SETTINGS_MODULE="tests.settings", DATABASE_URL=test_database_url(),
+        env = dict(os.environ, DJANGO_SETTINGS_MODULE="tests.settings", DATABASE_URL=subprocess_database_url(),
                    MQTT_URL=self.broker_url, PYTHONUNBUFFERED="1")
         command = [sys.executable, "manage.py", "mqtt_worker", "--client-id", self.client_id, "--group", self.group,
                    "--batch-size", str(self.batch_size), "--batch-wait-ms", "10"]

@@ -16,7 +16,6 @@ from decimal import Decimal
 
 import paho.mqtt.client as mqtt
 import pytest
-from django.db import connection
 from paho.mqtt.enums import CallbackAPIVersion
 
 from meters.models import CommandStatus, MeterCommand
@@ -24,7 +23,7 @@ from payments import services
 from payments.models import Payment, PaymentStatus
 from payments.selectors import payment_delivered_to_meter
 from tests.payments.helpers import wait_until
-from tests.support.services import ROOT, PrivateRedis, free_port, wait_for_port
+from tests.support.services import ROOT, PrivateRedis, free_port, subprocess_database_url, wait_for_port
 
 BIN = os.path.dirname(sys.executable)
 
@@ -39,11 +38,10 @@ def private_redis():
 @pytest.fixture
 def backend(postgres, private_redis, private_mosquitto, tmp_path, settings):
     """The web process, a Celery worker and the MQTT worker, on this test's database and brokers."""
-    database = connection.settings_dict
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "DATABASE_URL": f"postgres://{database['USER']}@{database['HOST']}:{database['PORT'] or 5432}/{database['NAME']}",
+        "DATABASE_URL": subprocess_database_url(),
         "REDIS_URL": private_redis.url,
         "MQTT_URL": private_mosquitto.url,
         "MQTT_CLIENT_ID": "ingest-e2e",

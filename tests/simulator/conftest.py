@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-from django.db import connection
+
+from tests.support.services import subprocess_database_url
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,11 +28,10 @@ def wait_until(condition, what: str, *, timeout: float = 120.0, process: subproc
 
 @pytest.fixture
 def worker(postgres, private_mosquitto, tmp_path):
-    db = connection.settings_dict
     env = dict(
         os.environ,
         DJANGO_SETTINGS_MODULE="tests.settings",
-        DATABASE_URL=f"postgres://{db['USER'] or 'postgres'}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
+        DATABASE_URL=subprocess_database_url(),
         MQTT_URL=private_mosquitto.url,
         CELERY_TASK_ALWAYS_EAGER="True",
         PYTHONUNBUFFERED="1",

@@ -191,5 +191,17 @@ class PrivatePostgres:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def subprocess_database_url() -> str:
+    """DATABASE_URL for a process a test starts (a worker, a web server): the TEST database,
+    on the server the suite uses. Call once the test database exists."""
+    from django.db import connection
+
+    db = connection.settings_dict
+    credentials = db["USER"] or "postgres"
+    if db["PASSWORD"]:
+        credentials += f":{db['PASSWORD']}"
+    return f"postgres://{credentials}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
 def require_services() -> bool:
     return os.environ.get("REQUIRE_SERVICES") == "1"
