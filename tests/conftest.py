@@ -6,7 +6,6 @@ Every view is tested for the person who must not see it.
 
 import os
 import subprocess
-import sys
 from decimal import Decimal
 
 import httpx
@@ -17,7 +16,7 @@ from django.db import connection
 from meters import services
 from meters.models import Tariff
 from payments import daraja
-from tests.support.services import ROOT, PrivateMosquitto, free_port, require_services, url_reachable, wait_for_port
+from tests.support.services import PrivateMosquitto, module_server, require_services, url_reachable
 
 PASSWORD = "correct-horse-battery-42"
 
@@ -133,18 +132,8 @@ class FakeDarajaProcess:
 
 @pytest.fixture(scope="session")
 def fake_daraja_server():
-    port = free_port()
-    log = open(ROOT / "var" / f"fake-daraja-{port}.log", "ab") if (ROOT / "var").is_dir() else subprocess.DEVNULL
-    process = subprocess.Popen(
-        [sys.executable, "-m", "payments.fake_daraja", "--port", str(port), "--delay", "0", "--outcome", "hold"],
-        cwd=ROOT, stdout=log, stderr=log,
-    )
-    try:
-        wait_for_port("127.0.0.1", port, timeout=20)
+    with module_server("payments.fake_daraja", "--delay", "0", "--outcome", "hold", name="fake-daraja") as (port, process):
         yield FakeDarajaProcess(port, process)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ pointed at it the way `make run` points it: FIREBASE_DATABASE_EMULATOR_HOST plus
 first label is the namespace."""
 
 import subprocess
-import sys
 import time
 import uuid
 
@@ -13,7 +12,7 @@ import pytest
 from firebase_admin import db
 
 from meters import firebase
-from tests.support.services import ROOT, free_port, wait_for_port
+from tests.support.services import module_server
 
 NAMESPACE = "smartmeter-test"
 DATABASE_URL = f"https://{NAMESPACE}.firebaseio.com"
@@ -51,18 +50,8 @@ class FakeRtdbProcess:
 
 @pytest.fixture(scope="session")
 def fake_rtdb_server():
-    port = free_port()
-    log = open(ROOT / "var" / f"fake-firebase-{port}.log", "ab") if (ROOT / "var").is_dir() else subprocess.DEVNULL
-    process = subprocess.Popen(
-        [sys.executable, "-m", "meters.fake_firebase", "--port", str(port), "--namespace", "other-default"],
-        cwd=ROOT, stdout=log, stderr=log,
-    )
-    try:
-        wait_for_port("127.0.0.1", port, timeout=20)
+    with module_server("meters.fake_firebase", "--namespace", "other-default", name="fake-firebase") as (port, process):
         yield FakeRtdbProcess(port, process)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture

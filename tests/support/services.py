@@ -9,8 +9,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -189,6 +191,23 @@ class PrivatePostgres:
             except subprocess.SubprocessError:
                 pass
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextmanager
+def module_server(module: str, *args: str, name: str):
+    """Run `python -m <module> --port <free port> …` (the project's fake Daraja, fake Firebase)
+    for the duration of the block; yields (port, process). Logs go to var/ when it exists."""
+    port = free_port()
+    log = open(ROOT / "var" / f"{name}-{port}.log", "ab") if (ROOT / "var").is_dir() else subprocess.DEVNULL
+    process = subprocess.Popen(
+        [sys.executable, "-m", module, "--port", str(port), *args], cwd=ROOT, stdout=log, stderr=log
+    )
+    try:
+        wait_for_port("127.0.0.1", port, timeout=20)
+        yield port, process
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 def subprocess_database_url() -> str:
