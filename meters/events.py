@@ -13,6 +13,7 @@ from django.db import transaction
 logger = logging.getLogger(__name__)
 
 STAFF_GROUP = "staff"
+_warned_unavailable = False
 
 
 def meter_group(meter_no: str) -> str:
@@ -34,7 +35,12 @@ def send_meter_events(events: list[dict]) -> None:
             async_to_sync(layer.group_send)(meter_group(event["meterNo"]), message)
             async_to_sync(layer.group_send)(STAFF_GROUP, message)
     except Exception as error:
-        logger.warning("Live events not sent: channel layer unavailable (%s)", error)
+        # Said once per process (e.g. `seed_demo` runs before make run's Redis is up); later
+        # failures go to DEBUG so a Redis outage does not flood the log.
+        global _warned_unavailable
+        level = logging.DEBUG if _warned_unavailable else logging.WARNING
+        _warned_unavailable = True
+        logger.log(level, "Live events not sent: channel layer unavailable (%s)", error)
 
 
 def send_meter_events_on_commit(events: list[dict]) -> None:
