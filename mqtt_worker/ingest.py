@@ -126,11 +126,14 @@ def live_events(events: list) -> list[dict]:
     return rendered
 
 
-def ingest_batch(messages: list[Message], *, client_id: str = "") -> BatchResult:
+def ingest_batch(messages: list[Message], *, client_id: str = "", on_locked=None) -> BatchResult:
     """Apply a batch in one transaction. Raises only OperationalError/InterfaceError (the
-    database is unreachable: the caller retries the same batch, unacked)."""
+    database is unreachable: the caller retries the same batch, unacked).
+
+    `on_locked()` is called once the batch holds its meters' row locks: a pipelined caller
+    starts the next batch only then, so each meter's reports are applied in arrival order."""
     try:
-        return _ingest(messages, client_id)
+        return _ingest(messages, client_id, on_locked)
     except (IntegrityError, DataError) as error:
         # A row the database refuses (a constraint we did not foresee): find the message that
         # causes it instead of retrying the batch forever, and dead-letter only that one.
@@ -146,7 +149,7 @@ def ingest_batch(messages: list[Message], *, client_id: str = "") -> BatchResult
         return BatchResult(dead_letters=1, line_items=[f"Dead letter - {messages[0].topic}: {reason}"])
 
 
-def _ingest(messages: list[Message], client_id: str) -> BatchResult:
+def _ingest(messages: list[Message], client_id: str, on_locked=None) -> BatchResult:
     now = timezone.now()
     result = BatchResult()
     dead: list[tuple[Message, str]] = []
@@ -166,6 +169,8 @@ def _ingest(messages: list[Message], client_id: str) -> BatchResult:
             states, extra = _lock_meters_pg(meter_nos, keys)
         else:
             states, extra = _lock_meters(meter_nos)
+        if on_locked is not None:
+            on_locked()
         consumption: list[tuple[Message, ConsumptionReport]] = []
         statuses: list[tuple[Message, StatusUpdate]] = []
         balances: list[tuple[Message, BalanceReport]] = []

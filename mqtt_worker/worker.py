@@ -24,6 +24,8 @@ import ssl
 import struct
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import orjson
@@ -165,6 +167,14 @@ class IngestWorker:
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._events = EventSender()
+        # Two batches in the database at once: while one waits for its commit (PostgreSQL does
+        # the work, the GIL is free), the next one locks, reads and writes on a connection of
+        # its own. Acks still go out strictly in arrival order (see run()). A batch starts only
+        # once the one before it holds its meters' locks, so a meter's reports are applied in
+        # arrival order (the second waits for the first's commit on a shared meter); batches
+        # lock their meters in id order in one statement, so they never deadlock.
+        self._pipeline_depth = max(1, settings.MQTT_PIPELINE_DEPTH)
+        self._committers = ThreadPoolExecutor(max_workers=self._pipeline_depth, thread_name_prefix="ingest-db")
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=True
         )
@@ -250,20 +260,36 @@ class IngestWorker:
         gc.freeze()
         self._events.start()
         self.connect()
+        in_flight: deque[tuple[list[_Received], Future]] = deque()
+        previous_locked = threading.Event()
+        previous_locked.set()
         try:
             while not self._stop.is_set():
-                batch = self._gather()
+                # With a batch in the database, look for the next one only briefly, so the
+                # finished batch's acks are not held back by an idle inbox.
+                batch = self._gather(0.002 if in_flight else 0.2)
                 if batch:
-                    self._process(batch)
+                    locked = threading.Event()
+                    in_flight.append((batch, self._committers.submit(self._commit, batch, previous_locked, locked)))
+                    previous_locked = locked
+                # Finish batches oldest first: wait for the oldest when the pipeline is full or
+                # nothing new arrived, and take any that are already done.
+                while in_flight and (len(in_flight) >= self._pipeline_depth or not batch or in_flight[0][1].done()):
+                    done_batch, future = in_flight.popleft()
+                    self._finish(done_batch, future.result())
+            while in_flight:  # stopping: what is in the database commits and is acked
+                done_batch, future = in_flight.popleft()
+                self._finish(done_batch, future.result())
         finally:
+            self._committers.shutdown(wait=True)
             self.client.disconnect()
             self.client.loop_stop()
             self._events.stop()
             logger.info("Disconnected; worker stopped")
 
-    def _gather(self) -> list[_Received]:
+    def _gather(self, first_timeout: float = 0.2) -> list[_Received]:
         try:
-            first = self._inbox.get(timeout=0.2)
+            first = self._inbox.get(timeout=first_timeout)
         except queue.Empty:
             return []
         batch = [first]
@@ -283,14 +309,25 @@ class IngestWorker:
                 break
         return batch
 
-    def _process(self, batch: list[_Received]) -> None:
+    def _commit(
+        self, batch: list[_Received], previous_locked: threading.Event, locked: threading.Event
+    ) -> tuple[BatchResult, float, int] | None:
+        """In a committer thread (its own database connection): the batch's transaction, retried
+        while the database is away. None when stopping before it could commit (nothing acked)."""
+        try:
+            previous_locked.wait()
+            return self._commit_in_order(batch, locked)
+        finally:
+            locked.set()  # whatever happened, the next batch may go
+
+    def _commit_in_order(self, batch: list[_Received], locked: threading.Event) -> tuple[BatchResult, float, int] | None:
         messages = [item.message for item in batch]
         delay = 0.5
         while True:
             close_old_connections()
             try:
                 started = time.perf_counter()
-                result = ingest_batch(messages, client_id=self.client_id)
+                result = ingest_batch(messages, client_id=self.client_id, on_locked=locked.set)
                 break
             except (OperationalError, InterfaceError) as error:
                 # The database is away. Nothing is acked, so the broker keeps the messages and
@@ -301,9 +338,15 @@ class IngestWorker:
                 connection.close()
                 if self._stop.wait(delay):
                     logger.warning("Stopping without committing %d messages; the broker will redeliver them", len(batch))
-                    return
+                    return None
                 delay = min(delay * 2, 10.0)
-        committed = time.time_ns()
+        return result, started, time.time_ns()
+
+    def _finish(self, batch: list[_Received], outcome: tuple[BatchResult, float, int] | None) -> None:
+        """In the main thread, in arrival order: ack a committed batch, then events and logs."""
+        if outcome is None:
+            return
+        result, started, committed = outcome
         self._ack(batch)
         self._events.put(result.events)
         self._log(result, len(batch), time.perf_counter() - started)

@@ -127,6 +127,8 @@ MQTT_SHARED_GROUP = os.environ.get("MQTT_SHARED_GROUP", "").strip()
 MQTT_SESSION_EXPIRY_S = env_int("MQTT_SESSION_EXPIRY_S", 86400, minimum=0)
 MQTT_BATCH_SIZE = env_int("MQTT_BATCH_SIZE", 1000, minimum=1)
 MQTT_BATCH_WAIT_MS = env_int("MQTT_BATCH_WAIT_MS", 10, minimum=0)
+# Batches in the database at once (each on its own connection); acks stay in arrival order.
+MQTT_PIPELINE_DEPTH = env_int("MQTT_PIPELINE_DEPTH", 2, minimum=1)
 MQTT_PUBLISHER_CLIENT_ID = env_str("MQTT_PUBLISHER_CLIENT_ID", "publisher")
 
 # M-Pesa Daraja. Defaults are Safaricom's public sandbox test values; production sets its own.
