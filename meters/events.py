@@ -1,6 +1,8 @@
 """Live events to browsers and the mobile app, sent after commit through the Channels layer.
 
-Groups: `meter.<meterNo>` for a meter's own page, `staff` for the utility's dashboards. Live
+Groups: `meter.<meterNo>` for a meter's own page (`{"type": "meter.event", "event": …}` per
+event), `staff` for the utility's dashboards (one `{"type": "meter.events", "events": […]}` per
+send: a fleet's events in few messages). Live
 events are a view of committed state, never the state itself: if Redis is down the event is
 logged and dropped, and a client that reconnects reads the current state from the database.
 """
@@ -20,6 +22,13 @@ def meter_group(meter_no: str) -> str:
     return f"meter.{meter_no}"
 
 
+async def group_send_events(layer, events: list[dict]) -> None:
+    """One message per event to its meter's group, one message with them all to staff."""
+    for event in events:
+        await layer.group_send(meter_group(event["meterNo"]), {"type": "meter.event", "event": event})
+    await layer.group_send(STAFF_GROUP, {"type": "meter.events", "events": events})
+
+
 def send_meter_events(events: list[dict]) -> None:
     """Send now (the caller has committed). Each event: {"meterNo", "type", ...}."""
     if not events:
@@ -30,10 +39,7 @@ def send_meter_events(events: list[dict]) -> None:
     if layer is None:
         return
     try:
-        for event in events:
-            message = {"type": "meter.event", "event": event}
-            async_to_sync(layer.group_send)(meter_group(event["meterNo"]), message)
-            async_to_sync(layer.group_send)(STAFF_GROUP, message)
+        async_to_sync(group_send_events)(layer, events)
     except Exception as error:
         # Said once per process (e.g. `seed_demo` runs before make run's Redis is up); later
         # failures go to DEBUG so a Redis outage does not flood the log.

@@ -44,3 +44,28 @@ def test_other_customer_and_anonymous_are_refused(redis_url, alice_meter, bob):
     assert not connected and code == 4404
     connected, code, _ = async_to_sync(_session)(AnonymousUser(), "METER-A1")
     assert not connected and code == 4401
+
+
+def test_staff_group_gets_a_fleets_events_in_one_message(redis_url, alice_meter, bob_meter):
+    from channels.layers import get_channel_layer
+
+    from meters.events import STAFF_GROUP, send_meter_events
+
+    async def listen_then_send():
+        layer = get_channel_layer()
+        channel = await layer.new_channel()
+        await layer.group_add(STAFF_GROUP, channel)
+        try:
+            from channels.db import database_sync_to_async
+
+            await database_sync_to_async(send_meter_events)([
+                {"meterNo": "METER-A1", "type": "balance", "balance": "1.000000"},
+                {"meterNo": "METER-B1", "type": "balance", "balance": "2.000000"},
+            ])
+            return await layer.receive(channel)
+        finally:
+            await layer.group_discard(STAFF_GROUP, channel)
+
+    message = async_to_sync(listen_then_send)()
+    assert message["type"] == "meter.events"
+    assert [event["meterNo"] for event in message["events"]] == ["METER-A1", "METER-B1"]
