@@ -57,35 +57,28 @@ def _refusal(request: HttpRequest, secret: str, ip: str | None) -> HttpResponse 
     return None
 
 
-@csrf_exempt
-@require_POST
-def stk_callback(request: HttpRequest, secret: str) -> HttpResponse:
-    ip = client_ip(request)
-    refusal = _refusal(request, secret, ip)
-    if refusal:
-        return refusal
-    callback = services.callback_record(kind=CallbackKind.STK, body=request.body, remote_addr=ip)
-    services.stk_callback_process(callback_id=callback.pk)
-    return JsonResponse({"ResultCode": 0, "ResultDesc": "Accepted"})
+def _callback_view(kind: str, process):
+    """A Daraja callback endpoint: refuse unauthenticated calls without storing them, store the
+    raw body before anything else, then `process(callback_id) -> reply dict` answers Daraja."""
+
+    @csrf_exempt
+    @require_POST
+    def view(request: HttpRequest, secret: str) -> HttpResponse:
+        ip = client_ip(request)
+        refusal = _refusal(request, secret, ip)
+        if refusal:
+            return refusal
+        callback = services.callback_record(kind=kind, body=request.body, remote_addr=ip)
+        return JsonResponse(process(callback.pk))
+
+    return view
 
 
-@csrf_exempt
-@require_POST
-def c2b_validation(request: HttpRequest, secret: str) -> HttpResponse:
-    ip = client_ip(request)
-    refusal = _refusal(request, secret, ip)
-    if refusal:
-        return refusal
-    callback = services.callback_record(kind=CallbackKind.C2B_VALIDATION, body=request.body, remote_addr=ip)
-    return JsonResponse(services.c2b_validate(callback_id=callback.pk))
+def _stk_process(callback_id: int) -> dict:
+    services.stk_callback_process(callback_id=callback_id)
+    return {"ResultCode": 0, "ResultDesc": "Accepted"}
 
 
-@csrf_exempt
-@require_POST
-def c2b_confirmation(request: HttpRequest, secret: str) -> HttpResponse:
-    ip = client_ip(request)
-    refusal = _refusal(request, secret, ip)
-    if refusal:
-        return refusal
-    callback = services.callback_record(kind=CallbackKind.C2B_CONFIRMATION, body=request.body, remote_addr=ip)
-    return JsonResponse(services.c2b_confirm(callback_id=callback.pk))
+stk_callback = _callback_view(CallbackKind.STK, _stk_process)
+c2b_validation = _callback_view(CallbackKind.C2B_VALIDATION, lambda pk: services.c2b_validate(callback_id=pk))
+c2b_confirmation = _callback_view(CallbackKind.C2B_CONFIRMATION, lambda pk: services.c2b_confirm(callback_id=pk))

@@ -5,10 +5,8 @@ Every view is tested for the person who must not see it.
 """
 
 import os
-import subprocess
 from decimal import Decimal
 
-import httpx
 import pytest
 from django.core.cache import cache
 from django.db import connection
@@ -16,7 +14,7 @@ from django.db import connection
 from meters import services
 from meters.models import Tariff
 from payments import daraja
-from tests.support.services import PrivateMosquitto, module_server, require_services, url_reachable
+from tests.support.services import FakeServerProcess, PrivateMosquitto, module_server, require_services, url_reachable
 
 PASSWORD = "correct-horse-battery-42"
 
@@ -112,20 +110,7 @@ def bob_meter(bob, tariff):
 # The project's fake Daraja server (payments.fake_daraja) as a real subprocess.
 
 
-class FakeDarajaProcess:
-    def __init__(self, port: int, process: subprocess.Popen):
-        self.port = port
-        self.process = process
-        self.url = f"http://127.0.0.1:{port}"
-
-    def control(self, action: str, **body) -> dict:
-        response = httpx.post(f"{self.url}/__fake__/{action}", json=body, timeout=10)
-        response.raise_for_status()
-        return response.json()
-
-    def state(self) -> dict:
-        return httpx.get(f"{self.url}/__fake__/state", timeout=10).json()
-
+class FakeDarajaProcess(FakeServerProcess):
     def next(self, outcome: str, delay: float = 0.0) -> None:
         self.control("next", outcome=outcome, delay=delay)
 

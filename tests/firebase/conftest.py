@@ -2,7 +2,6 @@
 pointed at it the way `make run` points it: FIREBASE_DATABASE_EMULATOR_HOST plus an https URL whose
 first label is the namespace."""
 
-import subprocess
 import time
 import uuid
 
@@ -12,27 +11,13 @@ import pytest
 from firebase_admin import db
 
 from meters import firebase
-from tests.support.services import module_server
+from tests.support.services import FakeServerProcess, module_server
 
 NAMESPACE = "smartmeter-test"
 DATABASE_URL = f"https://{NAMESPACE}.firebaseio.com"
 
 
-class FakeRtdbProcess:
-    def __init__(self, port: int, process: subprocess.Popen):
-        self.port = port
-        self.process = process
-        self.host = f"127.0.0.1:{port}"
-        self.url = f"http://{self.host}"
-
-    def control(self, action: str, **body) -> dict:
-        response = httpx.post(f"{self.url}/__fake__/{action}", json=body, timeout=10)
-        response.raise_for_status()
-        return response.json()
-
-    def state(self) -> dict:
-        return httpx.get(f"{self.url}/__fake__/state", timeout=10).json()
-
+class FakeRtdbProcess(FakeServerProcess):
     def requests(self, method: str | None = None) -> list[dict]:
         return [entry for entry in self.state()["requests"] if method is None or entry["method"] == method]
 

@@ -193,6 +193,28 @@ class PrivatePostgres:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+class FakeServerProcess:
+    """A running fake (Daraja, Firebase) and its `/__fake__/` control endpoints."""
+
+    def __init__(self, port: int, process: subprocess.Popen):
+        self.port = port
+        self.process = process
+        self.host = f"127.0.0.1:{port}"
+        self.url = f"http://{self.host}"
+
+    def control(self, action: str, **body) -> dict:
+        import httpx
+
+        response = httpx.post(f"{self.url}/__fake__/{action}", json=body, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def state(self) -> dict:
+        import httpx
+
+        return httpx.get(f"{self.url}/__fake__/state", timeout=10).json()
+
+
 @contextmanager
 def module_server(module: str, *args: str, name: str):
     """Run `python -m <module> --port <free port> …` (the project's fake Daraja, fake Firebase)
