@@ -114,7 +114,7 @@ class _Publisher:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        from mqtt_worker.worker import tune_socket
+        from mqtt_worker.client import tune_socket
 
         self.window = threading.BoundedSemaphore(self.WINDOW)
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-meters", protocol=mqtt.MQTTv5)
@@ -166,7 +166,7 @@ def main() -> None:
     admin_url, bench_url = _database_urls()
     workdir = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     sys.path.insert(0, str(ROOT))
-    from tests.support.services import PrivateMosquitto
+    from devtools.services import PrivateMosquitto
 
     broker = PrivateMosquitto().start()
     if os.geteuid() == 0:
@@ -187,13 +187,13 @@ def main() -> None:
         from django.db import connection
 
         from meters import services
-        from meters.models import LedgerEntry, Meter, Reading
+        from meters.models import LedgerEntry, Reading
         from meters.selectors import ledger_mismatches
 
         tariff = services.tariff_create(name="Bench", kes_per_kwh=Decimal("25"))
         meter_nos = [f"BENCH{index:05d}" for index in range(METERS)]
         naive_nos = [f"NAIVE{index:05d}" for index in range(METERS)]
-        Meter.objects.bulk_create([Meter(meter_no=n, tariff=tariff) for n in meter_nos + naive_nos], batch_size=5000)
+        services.meter_provision_many(meter_nos=meter_nos + naive_nos, tariff=tariff)
         run = Run(workdir, broker)
 
         def committed(prefix: str) -> int:

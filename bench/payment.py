@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from tests.support.services import PrivateMosquitto, PrivateRedis, free_port, wait_for_port
+    from devtools.services import PrivateMosquitto, PrivateRedis, free_port, wait_for_port
 
     redis, broker = PrivateRedis().start(), PrivateMosquitto().start()
     env = {
@@ -98,10 +98,10 @@ def _run(args, env, processes, free_port, wait_for_port, broker) -> None:
     from django.core.management import call_command
     from paho.mqtt.enums import CallbackAPIVersion
 
+    from devtools.fake_daraja import FakeDaraja, serve
     from meters import services as meter_services
     from meters.models import MeterCommand
     from payments import services
-    from payments.fake_daraja import FakeDaraja, serve
     from payments.models import Callback, Payment
 
     call_command("migrate", verbosity=0)

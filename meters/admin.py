@@ -7,19 +7,108 @@ and records who did it.
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError
 from django.shortcuts import render
 
+from core.admin import ReadOnlyAdmin
+from core.errors import DomainError
 from meters import services
-from meters.errors import DomainError
 from meters.models import Customer, FirebaseMirror, LedgerEntry, Meter, MeterCommand, Reading, StatusEvent, Tariff
+from meters.phone import normalize_phone
 
 
-class ReadOnlyMixin:
-    """Rows that are history: visible, never added, edited or deleted from the admin.
-    Shared by every app's admin (payments, dead letters) and by inlines."""
+class CustomerChangeForm(forms.ModelForm):
+    """The form checks with the same rules the services apply (so a mistake is shown on the
+    form); `save_model` then writes through the service."""
 
-    def has_add_permission(self, request, obj=None):
-        return False
+    phone = forms.CharField(max_length=20, help_text="07XXXXXXXX, 01XXXXXXXX, +2547… or 2547…")
+
+    class Meta:
+        model = Customer
+        fields = ["name", "phone"]
+
+    def clean_phone(self):
+        try:
+            return normalize_phone(self.cleaned_data["phone"])
+        except DomainError as error:
+            raise ValidationError(error.message) from None
+
+
+class CustomerCreationForm(CustomerChangeForm):
+    """A customer and their sign-in account, created by `customer_create` (save_model)."""
+
+    username = forms.CharField(max_length=150)
+    email = forms.EmailField(required=False)
+    password = forms.CharField(widget=forms.PasswordInput, help_text="The customer's first password")
+
+    def clean_username(self):
+        username = self.cleaned_data["username"]
+        if get_user_model().objects.filter(username=username).exists():
+            raise ValidationError(f"Username {username!r} is taken")
+        return username
+
+    def clean(self):
+        data = super().clean()
+        if data.get("password") and data.get("username"):
+            try:
+                validate_password(data["password"], get_user_model()(username=data["username"], email=data.get("email") or ""))
+            except ValidationError as error:
+                self.add_error("password", error)
+        return data
+
+
+@admin.register(Customer)
+class CustomerAdmin(admin.ModelAdmin):
+    """Staff create customers and correct their name and number; both go through the services
+    (the phone is normalised, the user and password validated), never a plain model save."""
+
+    list_display = ["name", "phone", "user", "created_at"]
+    search_fields = ["name", "phone", "user__username", "meters__meter_no"]
+    fields = ["name", "phone", "user", "created_at"]
+    readonly_fields = ["user", "created_at"]
+
+    form = CustomerChangeForm
+
+    def get_form(self, request, obj=None, **kwargs):
+        if obj is None:
+            kwargs["form"] = CustomerCreationForm
+            kwargs["fields"] = ["username", "email", "password", "name", "phone"]
+        return super().get_form(request, obj, **kwargs)
+
+    def get_fields(self, request, obj=None):
+        return ["username", "email", "password", "name", "phone"] if obj is None else self.fields
+
+    def get_readonly_fields(self, request, obj=None):
+        return [] if obj is None else self.readonly_fields
+
+    def save_model(self, request, obj, form, change):
+        try:
+            if change:
+                saved = services.customer_update(customer_id=obj.pk, name=obj.name, phone=obj.phone)
+            else:
+                data = form.cleaned_data
+                saved = services.customer_create(
+                    username=data["username"], password=data["password"], name=data["name"], phone=data["phone"],
+                    email=data.get("email") or "",
+                )
+        except DomainError as error:
+            raise ValidationError(error.message) from None
+        obj.pk, obj.user_id, obj.phone = saved.pk, saved.user_id, saved.phone
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # a customer's payments and meters are history
+
+
+@admin.register(Tariff)
+class TariffAdmin(admin.ModelAdmin):
+    """Tariffs are history: a price change is a new row with the same name from a date
+    (`tariff_create`); an existing price is never edited or deleted."""
+
+    list_display = ["name", "kes_per_kwh", "effective_from", "created_at"]
+    list_filter = ["name"]
+    fields = ["name", "kes_per_kwh", "effective_from"]
 
     def has_change_permission(self, request, obj=None):
         return False
@@ -27,21 +116,12 @@ class ReadOnlyMixin:
     def has_delete_permission(self, request, obj=None):
         return False
 
-
-class ReadOnlyAdmin(ReadOnlyMixin, admin.ModelAdmin):
-    pass
-
-
-@admin.register(Customer)
-class CustomerAdmin(admin.ModelAdmin):
-    list_display = ["name", "phone", "user", "created_at"]
-    search_fields = ["name", "phone", "user__username", "meters__meter_no"]
-    raw_id_fields = ["user"]
-
-
-@admin.register(Tariff)
-class TariffAdmin(admin.ModelAdmin):
-    list_display = ["name", "kes_per_kwh", "effective_from"]
+    def save_model(self, request, obj, form, change):
+        try:
+            saved = services.tariff_create(name=obj.name, kes_per_kwh=obj.kes_per_kwh, effective_from=obj.effective_from)
+        except DomainError as error:
+            raise ValidationError(error.message) from None
+        obj.pk = saved.pk
 
 
 class AdjustmentForm(forms.Form):

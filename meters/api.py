@@ -7,21 +7,22 @@ what the caller may do with it (`StaffForWrites`: owners read, staff also write)
 the same services as the admin. Views are thin: parse, call a service or selector, shape.
 """
 
-import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from django.db.models import Count, Q, Sum
 from django.db.models.functions import TruncDay, TruncHour
 from django.utils import timezone
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import generics, permissions, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from core.api import ERROR_FIELD_NAMES, IDEMPOTENCY_KEY_HEADER, idempotency_key_from
+from core.errors import InvalidInput
+from core.rules import KWH_QUANTUM
 from meters import services
-from meters.errors import InvalidInput
-from meters.models import KWH_QUANTUM, Reading, Tariff
+from meters.models import Reading, Tariff
 from meters.selectors import ledger_statement, meter_get_for_user, meters_for_user
 from meters.serializers import (
     AdjustmentResultSerializer,
@@ -37,29 +38,6 @@ from meters.serializers import (
     RelaySerializer,
     StatementEntrySerializer,
 )
-
-# One rule for every Idempotency-Key header (the payments service checks the same).
-IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-IDEMPOTENCY_KEY_HEADER = OpenApiParameter(
-    "Idempotency-Key",
-    str,
-    OpenApiParameter.HEADER,
-    description="Optional. A retry with the same key returns the first result instead of doing it twice.",
-    pattern=IDEMPOTENCY_KEY.pattern,
-)
-
-# Service field names → the names this API uses for them.
-ERROR_FIELD_NAMES = {"meter_no": "meterNo", "units_kwh": "units", "amount_kes": "amount", "idempotency_key": "Idempotency-Key"}
-
-
-def idempotency_key_from(request) -> str | None:
-    """The client's Idempotency-Key header (1–64 of A-Z a-z 0-9 _ . : -), or None if absent."""
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
-        return None
-    if not IDEMPOTENCY_KEY.match(key):
-        raise InvalidInput("Idempotency-Key must be 1-64 of A-Z a-z 0-9 _ . : -", field="idempotency_key")
-    return key
 
 
 class StaffForWrites(permissions.BasePermission):

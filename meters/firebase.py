@@ -21,7 +21,7 @@ outage does not fill the Celery workers, which also publish meter commands, with
 Emulator / fake: firebase-admin talks plain HTTP to `FIREBASE_DATABASE_EMULATOR_HOST` (host:port)
 with the namespace from the URL's first label (`https://smartmeter-dev.firebaseio.com` →
 `?ns=smartmeter-dev`) and the emulator's admin token, needing no credentials; `make run` and the
-tests point it at `python -m meters.fake_firebase`.
+tests point it at `python -m devtools.fake_firebase`.
 """
 
 import json

@@ -13,13 +13,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-METER_NO_REGEX = r"^[A-Za-z0-9_-]{1,32}$"
-PHONE_REGEX = r"^254(7|1)\d{8}$"
-
-KWH_PLACES = 6
-KES_PLACES = 2
-KWH_QUANTUM = Decimal("0.000001")
-KES_QUANTUM = Decimal("0.01")
+from core.rules import KES_PLACES, KWH_PLACES, METER_NO_HELP, METER_NO_REGEX, PHONE_REGEX
 
 
 def kwh_field(**kwargs) -> models.DecimalField:
@@ -82,7 +76,7 @@ class Meter(models.Model):
     meter_no = models.CharField(
         max_length=32,
         unique=True,
-        validators=[RegexValidator(METER_NO_REGEX, "Meter number: 1-32 of A-Z a-z 0-9 _ -")],
+        validators=[RegexValidator(METER_NO_REGEX, f"Meter number: {METER_NO_HELP}")],
     )
     owner = models.ForeignKey(
         Customer, on_delete=models.PROTECT, related_name="meters", null=True, blank=True

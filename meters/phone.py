@@ -2,9 +2,10 @@
 
 import re
 
-from meters.errors import InvalidInput
+from core.errors import InvalidInput
+from core.rules import PHONE_REGEX
 
-_PHONE = re.compile(r"^254(7|1)\d{8}$")
+_PHONE = re.compile(PHONE_REGEX)
 
 
 def normalize_phone(raw: str) -> str:

@@ -1,12 +1,15 @@
 """Reads. Views, the API and the admin read through these."""
 
+from datetime import datetime
 from decimal import Decimal
 
 from django.db.models import DecimalField, F, QuerySet, Sum, Value, Window
 from django.db.models.functions import Coalesce
+from django.utils import timezone
 
-from meters.errors import NotFound
-from meters.models import KES_QUANTUM, KWH_QUANTUM, LedgerEntry, Meter, Reading
+from core.errors import NotFound
+from core.rules import KES_QUANTUM, KWH_QUANTUM, valid_meter_no
+from meters.models import CommandKind, CommandStatus, LedgerEntry, Meter, MeterCommand, Reading, Tariff
 from meters.validation import validate_meter_no
 
 
@@ -23,9 +26,52 @@ def meter_balance_get(*, meter_no: str) -> Decimal:
     return meter_get(meter_no=meter_no).balance_kwh
 
 
+def tariff_rate_in_effect(*, tariff: Tariff, at: datetime | None = None) -> Decimal:
+    """KES per kWh of `tariff` at `at` (default now): the newest price of the tariff's name that
+    is in effect by then (tariffs are history: a price change is a new row from a date). A row
+    whose date has not come yet is the only price a meter provisioned on it can have."""
+    rate = (
+        Tariff.objects.filter(name=tariff.name, effective_from__lte=at or timezone.now())
+        .order_by("-effective_from", "-id")
+        .values_list("kes_per_kwh", flat=True)
+        .first()
+    )
+    return tariff.kes_per_kwh if rate is None else rate
+
+
 def meter_balance_kes(meter: Meter) -> Decimal:
     """What the balance is worth at the meter's tariff (for display; not an accounting value)."""
-    return (meter.balance_kwh * meter.tariff.kes_per_kwh).quantize(KES_QUANTUM)
+    return (meter.balance_kwh * tariff_rate_in_effect(tariff=meter.tariff)).quantize(KES_QUANTUM)
+
+
+def meter_for_account_reference(*, reference: str) -> Meter | None:
+    """The meter a customer named as an account number (M-Pesa's BillRefNumber): exact, else
+    case-insensitive when that is unambiguous."""
+    ref = reference.strip() if isinstance(reference, str) else ""
+    if not valid_meter_no(ref):
+        return None
+    meter = Meter.objects.filter(meter_no=ref).first()
+    if meter is None:
+        candidates = list(Meter.objects.filter(meter_no__iexact=ref)[:2])
+        meter = candidates[0] if len(candidates) == 1 else None
+    return meter
+
+
+def balance_acknowledged_since(*, meter_id: int, command_id: int) -> bool:
+    """Whether the meter has acknowledged this balance command or a later one (which carries a
+    balance computed after it)."""
+    return MeterCommand.objects.filter(
+        meter_id=meter_id, kind=CommandKind.BALANCE, id__gte=command_id, status=CommandStatus.ACKNOWLEDGED
+    ).exists()
+
+
+def meter_commands_pending(*, queued_before: datetime, limit: int) -> list[int]:
+    """Ids of commands still queued (no PUBACK yet) since before `queued_before`, oldest first."""
+    return list(
+        MeterCommand.objects.filter(status=CommandStatus.QUEUED, issued_at__lt=queued_before)
+        .order_by("id")
+        .values_list("id", flat=True)[:limit]
+    )
 
 
 def meter_get_for_user(*, user, meter_no: str) -> Meter:

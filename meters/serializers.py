@@ -9,32 +9,10 @@ from django.core.validators import RegexValidator
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from meters.models import METER_NO_REGEX, Customer, RelayOverride, Tariff
+from core.api import KES_FIELD, KWH_FIELD, DecimalText, Text
+from core.rules import METER_NO_HELP, METER_NO_REGEX
+from meters.models import Customer, RelayOverride, Tariff
 from meters.selectors import meter_balance_kes
-
-KWH = {"max_digits": 18, "decimal_places": 6}
-KES = {"max_digits": 14, "decimal_places": 2}
-
-
-class Text(serializers.CharField):
-    """A string field that takes only JSON strings (DRF's CharField also takes numbers)."""
-
-    def to_internal_value(self, data):
-        if not isinstance(data, str):
-            self.fail("invalid")
-        return super().to_internal_value(data)
-
-
-class DecimalText(serializers.DecimalField):
-    """A decimal given as a JSON string, as the API returns it: a JSON number would pass through
-    binary floating point in most clients, and accounting values must stay exact."""
-
-    default_error_messages = {"not_a_string": "Send decimal numbers as strings, e.g. \"12.50\""}
-
-    def to_internal_value(self, data):
-        if not isinstance(data, str):
-            self.fail("not_a_string")
-        return super().to_internal_value(data)
 
 
 class TariffSerializer(serializers.Serializer):
@@ -45,7 +23,7 @@ class TariffSerializer(serializers.Serializer):
 
 class MeterSerializer(serializers.Serializer):
     meterNo = serializers.CharField(source="meter_no")
-    balance = serializers.DecimalField(source="balance_kwh", help_text="Units (kWh) from the ledger", **KWH)
+    balance = serializers.DecimalField(source="balance_kwh", help_text="Units (kWh) from the ledger", **KWH_FIELD)
     balanceKes = serializers.SerializerMethodField(help_text="What the balance is worth at the meter's tariff")
     online = serializers.BooleanField()
     relay = serializers.CharField(source="relay_state", help_text="on, off or unknown (last reported)")
@@ -54,13 +32,13 @@ class MeterSerializer(serializers.Serializer):
     tariff = TariffSerializer()
     owner = serializers.IntegerField(source="owner_id", allow_null=True, help_text="Customer id")
 
-    @extend_schema_field(serializers.DecimalField(**KES))
+    @extend_schema_field(serializers.DecimalField(**KES_FIELD))
     def get_balanceKes(self, meter) -> str:
         return str(meter_balance_kes(meter))
 
 
 class MeterCreateSerializer(serializers.Serializer):
-    meterNo = Text(validators=[RegexValidator(METER_NO_REGEX, "1-32 of A-Z a-z 0-9 _ -")])
+    meterNo = Text(validators=[RegexValidator(METER_NO_REGEX, METER_NO_HELP)])
     owner = serializers.PrimaryKeyRelatedField(queryset=Customer.objects.all(), allow_null=True)
     tariff = serializers.PrimaryKeyRelatedField(
         queryset=Tariff.objects.all(), required=False, help_text="Default: the newest tariff in effect"
@@ -68,32 +46,34 @@ class MeterCreateSerializer(serializers.Serializer):
 
 
 class MeterUpdateSerializer(serializers.Serializer):
-    owner = serializers.PrimaryKeyRelatedField(queryset=Customer.objects.all(), required=False)
+    owner = serializers.PrimaryKeyRelatedField(
+        queryset=Customer.objects.all(), required=False, allow_null=True, help_text="Customer id; null: no owner"
+    )
     tariff = serializers.PrimaryKeyRelatedField(queryset=Tariff.objects.all(), required=False)
 
 
 class LedgerEntrySerializer(serializers.Serializer):
     id = serializers.IntegerField()
     kind = serializers.CharField(help_text="payment_credit, consumption_debit or adjustment")
-    units = serializers.DecimalField(source="units_kwh", help_text="Signed: credits positive, debits negative", **KWH)
-    amountKes = serializers.DecimalField(source="amount_kes", allow_null=True, **KES)
+    units = serializers.DecimalField(source="units_kwh", help_text="Signed: credits positive, debits negative", **KWH_FIELD)
+    amountKes = serializers.DecimalField(source="amount_kes", allow_null=True, **KES_FIELD)
     reason = serializers.CharField()
     actor = serializers.CharField()
     createdAt = serializers.DateTimeField(source="created_at")
 
 
 class StatementEntrySerializer(LedgerEntrySerializer):
-    balanceAfter = serializers.DecimalField(source="balance_after_kwh", **KWH)
+    balanceAfter = serializers.DecimalField(source="balance_after_kwh", **KWH_FIELD)
 
 
 class AdjustmentSerializer(serializers.Serializer):
-    units = DecimalText(help_text="Signed kWh, not zero", **KWH)
+    units = DecimalText(help_text="Signed kWh, not zero", **KWH_FIELD)
     reason = Text(max_length=255)
 
 
 class AdjustmentResultSerializer(serializers.Serializer):
     entry = LedgerEntrySerializer()
-    balance = serializers.DecimalField(help_text="The meter's balance after the adjustment", **KWH)
+    balance = serializers.DecimalField(help_text="The meter's balance after the adjustment", **KWH_FIELD)
     created = serializers.BooleanField(help_text="False when an Idempotency-Key repeated an earlier adjustment")
 
 
@@ -107,7 +87,7 @@ class CommandSerializer(serializers.Serializer):
     kind = serializers.CharField()
     reason = serializers.CharField()
     status = serializers.CharField()
-    balance = serializers.DecimalField(source="balance_kwh", allow_null=True, **KWH)
+    balance = serializers.DecimalField(source="balance_kwh", allow_null=True, **KWH_FIELD)
     relayState = serializers.CharField(source="relay_state")
     issuedAt = serializers.DateTimeField(source="issued_at")
 
@@ -141,8 +121,8 @@ class ReadingsQuerySerializer(serializers.Serializer):
 
 class ReadingBucketSerializer(serializers.Serializer):
     start = serializers.DateTimeField()
-    units = serializers.DecimalField(help_text="Units the meter reported consumed (duplicates excluded)", **KWH)
-    debited = serializers.DecimalField(help_text="Units debited from the ledger for these reports", **KWH)
+    units = serializers.DecimalField(help_text="Units the meter reported consumed (duplicates excluded)", **KWH_FIELD)
+    debited = serializers.DecimalField(help_text="Units debited from the ledger for these reports", **KWH_FIELD)
     reports = serializers.IntegerField()
 
 
@@ -151,7 +131,7 @@ class ReadingsSerializer(serializers.Serializer):
     bucket = serializers.CharField()
     start = serializers.DateTimeField(help_text="Start of the first bucket")
     end = serializers.DateTimeField(help_text="End of the range (exclusive)")
-    totalUnits = serializers.DecimalField(**KWH)
+    totalUnits = serializers.DecimalField(**KWH_FIELD)
     results = ReadingBucketSerializer(many=True)
 
 
@@ -170,18 +150,3 @@ class CustomerSerializer(serializers.Serializer):
     phone = serializers.CharField()
     email = serializers.CharField(source="user.email")
     createdAt = serializers.DateTimeField(source="created_at")
-
-
-# The API's one error format (portal.exceptions writes it; the schema documents it with these).
-class ErrorDetailSerializer(serializers.Serializer):
-    code = serializers.CharField(help_text="Stable, machine-readable: invalid, not_found, conflict, throttled, …")
-    message = serializers.CharField(help_text="For people")
-    field = serializers.CharField(allow_null=True, help_text="The request field at fault (camelCase), or null")
-    details = serializers.DictField(
-        allow_null=True,
-        help_text="Per-field messages for validation errors ({field: [message]}); retryAfter (s) when throttled",
-    )
-
-
-class ErrorSerializer(serializers.Serializer):
-    error = ErrorDetailSerializer()

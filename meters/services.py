@@ -1,7 +1,9 @@
-"""Every write to customers, meters, the ledger and the command outbox goes through here.
+"""Writes to customers, meters, tariffs, the ledger and the command outbox.
 
-Views, the API, admin actions, Celery tasks, payments and the MQTT worker all call these
-functions; none of them writes the models directly.
+Views, the API, admin actions, Celery tasks and payments call these functions; what meter reports
+cause (readings, consumption debits, status events, the meter's reported state) is written by
+`meters.consumption`, which queues its balance commands through `balance_commands_queue_locked`
+here. Nothing outside `meters` writes these models.
 
 Concurrency: a posting locks its meter row (`SELECT … FOR UPDATE`) before it reads or writes
 anything else, so every posting on one meter is serialised and two postings never lock rows in
@@ -10,7 +12,9 @@ constraint on it is the backstop when two meters race for one key.
 """
 
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import ROUND_DOWN, Decimal, InvalidOperation
 
 from django.contrib.auth import get_user_model
@@ -20,12 +24,12 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from meters.errors import Conflict, InvalidInput, NotFound
+from core.errors import Conflict, InvalidInput, NotFound
+from core.rules import KES_QUANTUM, KWH_QUANTUM, MAX_POSTING_KWH
 from meters.events import send_meter_events_on_commit
 from meters.models import (
-    KES_QUANTUM,
-    KWH_QUANTUM,
     CommandKind,
+    CommandStatus,
     Customer,
     FirebaseMirror,
     LedgerEntry,
@@ -37,11 +41,12 @@ from meters.models import (
 )
 from meters.outbox import dispatch_commands_on_commit
 from meters.phone import normalize_phone
+from meters.selectors import tariff_rate_in_effect
 from meters.validation import validate_meter_no
 
-# Largest magnitude one posting may move: far above any real purchase, far below the column's
-# 12 integer digits, so an absurd number is refused rather than stored.
-MAX_POSTING_KWH = Decimal("1000000")
+# `meter_update(owner=…)`: the difference between "leave the owner as it is" and "no owner".
+UNCHANGED = object()
+TARIFF_QUANTUM = Decimal("0.0001")
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,29 @@ class Posting:
     entry: LedgerEntry
     created: bool
     balance_kwh: Decimal
+    # The balance command that tells the meter, for postings that queue one (None otherwise,
+    # and for a repeated idempotency key, which changes nothing).
+    command: MeterCommand | None = None
+
+
+@dataclass(frozen=True)
+class Purchase:
+    """Money turned into units at the meter's tariff (`ledger_credit_purchase`)."""
+
+    posting: Posting
+    units_kwh: Decimal
+    kes_per_kwh: Decimal
+    remainder_kes: Decimal
+
+
+@dataclass(frozen=True)
+class OutgoingCommand:
+    """A queued command, claimed for publishing: its exact payload is stored on the row."""
+
+    id: int
+    meter_no: str
+    kind: str
+    payload: bytes
 
 
 def to_decimal(value, *, field: str, places: Decimal, allow_zero: bool = False) -> Decimal:
@@ -105,9 +133,9 @@ def _same_posting(entry: LedgerEntry, meter: Meter, kind: str, units: Decimal) -
         )
 
 
-def _post(
+def _post_entry_locked(
+    meter: Meter,
     *,
-    meter_no: str,
     kind: str,
     units_kwh: Decimal,
     idempotency_key: str,
@@ -115,40 +143,50 @@ def _post(
     reason: str,
     amount_kes: Decimal | None,
 ) -> Posting:
+    """Append one entry to the ledger of `meter`, whose row the caller has locked."""
     key = _check_key(idempotency_key)
     if not actor:
         raise InvalidInput("An actor is required", field="actor")
-    with transaction.atomic():
-        meter = meter_lock(meter_no=meter_no)
-        existing = LedgerEntry.objects.filter(idempotency_key=key).first()
-        if existing is not None:
-            _same_posting(existing, meter, kind, units_kwh)
-            return Posting(existing, False, meter.balance_kwh)
-        try:
-            # A savepoint: if another meter's transaction took this key meanwhile, the unique
-            # constraint fails here and the outer transaction is still usable.
-            with transaction.atomic():
-                entry = LedgerEntry.objects.create(
-                    meter=meter,
-                    kind=kind,
-                    units_kwh=units_kwh,
-                    amount_kes=amount_kes,
-                    idempotency_key=key,
-                    reason=reason[:255],
-                    actor=actor[:150],
-                )
-        except IntegrityError:
-            existing = LedgerEntry.objects.get(idempotency_key=key)
-            _same_posting(existing, meter, kind, units_kwh)
-            return Posting(existing, False, meter.balance_kwh)
-        Meter.objects.filter(pk=meter.pk).update(balance_kwh=F("balance_kwh") + units_kwh)
-        balance = meter.balance_kwh + units_kwh
-        # The Firebase mirror learns of every posting (payments, adjustments) in the same transaction.
-        firebase_mirror_mark(meter_ids=[meter.pk])
-        send_meter_events_on_commit(
-            [{"meterNo": meter.meter_no, "type": "balance", "balance": str(balance), "kind": kind}]
-        )
-        return Posting(entry, True, balance)
+    existing = LedgerEntry.objects.filter(idempotency_key=key).first()
+    if existing is not None:
+        _same_posting(existing, meter, kind, units_kwh)
+        return Posting(existing, False, meter.balance_kwh)
+    try:
+        # A savepoint: if another meter's transaction took this key meanwhile, the unique
+        # constraint fails here and the outer transaction is still usable.
+        with transaction.atomic():
+            entry = LedgerEntry.objects.create(
+                meter=meter,
+                kind=kind,
+                units_kwh=units_kwh,
+                amount_kes=amount_kes,
+                idempotency_key=key,
+                reason=reason[:255],
+                actor=actor[:150],
+            )
+    except IntegrityError:
+        existing = LedgerEntry.objects.get(idempotency_key=key)
+        _same_posting(existing, meter, kind, units_kwh)
+        return Posting(existing, False, meter.balance_kwh)
+    Meter.objects.filter(pk=meter.pk).update(balance_kwh=F("balance_kwh") + units_kwh)
+    meter.balance_kwh += units_kwh
+    # The Firebase mirror learns of every posting (payments, adjustments) in the same transaction.
+    firebase_mirror_mark(meter_ids=[meter.pk])
+    send_meter_events_on_commit(
+        [{"meterNo": meter.meter_no, "type": "balance", "balance": str(meter.balance_kwh), "kind": kind}]
+    )
+    return Posting(entry, True, meter.balance_kwh)
+
+
+def _post_entry_and_tell_meter_locked(meter: Meter, *, command_reason: str, **entry) -> Posting:
+    """A posting and the balance command that carries it to the meter (the caller holds the lock)."""
+    posting = _post_entry_locked(meter, **entry)
+    if not posting.created:
+        return posting
+    (command,) = balance_commands_queue_locked(
+        meters=[(meter.pk, meter.balance_kwh, meter.last_energy_total_kwh)], reason=command_reason, actor=entry["actor"]
+    )
+    return Posting(posting.entry, True, posting.balance_kwh, command)
 
 
 def ledger_credit(
@@ -160,39 +198,62 @@ def ledger_credit(
     reason: str = "",
     amount_kes=None,
 ) -> Posting:
-    """Credit units bought with money (M-Pesa). Idempotent on `idempotency_key`."""
+    """Credit units (an opening balance, a simulator, tests). Idempotent on `idempotency_key`.
+    Money is credited with `ledger_credit_purchase`, which prices it and tells the meter."""
     units = _positive_kwh(units_kwh)
     amount = None
     if amount_kes is not None:
         amount = to_decimal(amount_kes, field="amount_kes", places=KES_QUANTUM)
         if amount <= 0:
             raise InvalidInput("amount_kes must be positive", field="amount_kes")
-    return _post(
-        meter_no=meter_no,
-        kind=LedgerKind.PAYMENT_CREDIT,
-        units_kwh=units,
-        idempotency_key=idempotency_key,
-        actor=actor,
-        reason=reason,
-        amount_kes=amount,
-    )
+    with transaction.atomic():
+        return _post_entry_locked(
+            meter_lock(meter_no=meter_no),
+            kind=LedgerKind.PAYMENT_CREDIT,
+            units_kwh=units,
+            idempotency_key=idempotency_key,
+            actor=actor,
+            reason=reason,
+            amount_kes=amount,
+        )
 
 
-def ledger_debit(
-    *, meter_no: str, units_kwh, idempotency_key: str, actor: str = "meter", reason: str = ""
-) -> Posting:
-    """Debit consumed units. Idempotent on `idempotency_key`. The MQTT worker's batched path
-    writes the same rows set-wise (mqtt_worker.ingest) under the same locks and keys."""
-    units = _positive_kwh(units_kwh)
-    return _post(
-        meter_no=meter_no,
-        kind=LedgerKind.CONSUMPTION_DEBIT,
-        units_kwh=-units,
-        idempotency_key=idempotency_key,
-        actor=actor,
-        reason=reason,
-        amount_kes=None,
-    )
+def units_for_amount(*, amount_kes: Decimal, kes_per_kwh: Decimal) -> tuple[Decimal, Decimal]:
+    """Units bought with `amount_kes` at `kes_per_kwh`, and the money rounding left over.
+
+    The rule: units = amount / rate, rounded DOWN to the ledger's 6 places (the customer is never
+    given energy that was not paid for). The remainder (amount − units × rate, exact, always
+    below rate × 0.000001) is returned so it can be recorded with the payment and in the ledger
+    entry's reason: nothing is lost silently.
+    """
+    if amount_kes <= 0 or kes_per_kwh <= 0:
+        raise InvalidInput("Amount and tariff must be positive", field="amount_kes")
+    units = (amount_kes / kes_per_kwh).quantize(KWH_QUANTUM, rounding=ROUND_DOWN)
+    remainder = amount_kes - units * kes_per_kwh
+    return units, remainder
+
+
+def ledger_credit_purchase(
+    *, meter_no: str, amount_kes: Decimal, idempotency_key: str, actor: str, reference: str
+) -> Purchase:
+    """Money received for a meter: priced at the tariff in effect, credited once (idempotent on
+    `idempotency_key`) and carried to the meter by a balance command, all under one lock of the
+    meter row. `reference` names the money in the ledger entry's reason (e.g. "M-Pesa NLJ7RT61SV")."""
+    amount = to_decimal(amount_kes, field="amount_kes", places=KES_QUANTUM)
+    with transaction.atomic():
+        meter = meter_lock(meter_no=meter_no)
+        rate = tariff_rate_in_effect(tariff=meter.tariff)
+        units, remainder = units_for_amount(amount_kes=amount, kes_per_kwh=rate)
+        if units <= 0:
+            raise InvalidInput(f"KES {amount} buys no units at KES {rate}/kWh", field="amount_kes")
+        reason = f"{reference}: KES {amount} at {rate}/kWh = {units} kWh"
+        if remainder:
+            reason += f" (remainder KES {remainder.normalize():f} not credited)"
+        posting = _post_entry_and_tell_meter_locked(
+            meter, command_reason="payment", kind=LedgerKind.PAYMENT_CREDIT, units_kwh=units,
+            idempotency_key=idempotency_key, actor=actor, reason=reason, amount_kes=amount,
+        )
+    return Purchase(posting, units, rate, remainder)
 
 
 def ledger_adjust(
@@ -205,40 +266,41 @@ def ledger_adjust(
     actor_name = getattr(actor, "get_username", lambda: actor)()
     if not actor_name:
         raise InvalidInput("An adjustment needs the staff member who made it", field="actor")
-    key = idempotency_key or f"adjust:{uuid.uuid4()}"
     with transaction.atomic():
-        posting = _post(
-            meter_no=meter_no,
-            kind=LedgerKind.ADJUSTMENT,
-            units_kwh=units,
-            idempotency_key=key,
-            actor=str(actor_name),
-            reason=reason.strip(),
+        return _post_entry_and_tell_meter_locked(
+            meter_lock(meter_no=meter_no), command_reason="adjustment", kind=LedgerKind.ADJUSTMENT, units_kwh=units,
+            idempotency_key=idempotency_key or f"adjust:{uuid.uuid4()}", actor=str(actor_name), reason=reason.strip(),
             amount_kes=None,
         )
-        if posting.created:
-            meter_command_queue_balance(meter_no=meter_no, reason="adjustment", actor=str(actor_name))
-    return posting
+
+
+# ---- the command outbox -----------------------------------------------------------------------
+
+
+def balance_commands_queue_locked(
+    *, meters: Iterable[tuple[int, Decimal, Decimal | None]], reason: str, actor: str, at: datetime | None = None
+) -> list[MeterCommand]:
+    """Queue one balance command per (meter id, ledger balance, accounted register), for meters
+    whose rows the caller has locked, so that the pair is consistent (the meter reconciles with
+    `local = balance − (myEnergyTotal − energyTotal)`). Published after commit."""
+    commands = MeterCommand.objects.bulk_create(
+        MeterCommand(
+            meter_id=meter_id, kind=CommandKind.BALANCE, cmd_id=uuid.uuid4().hex, reason=reason[:32],
+            balance_kwh=balance, energy_total_kwh=energy_total, actor=actor[:150], issued_at=at or timezone.now(),
+        )
+        for meter_id, balance, energy_total in meters
+    )
+    dispatch_commands_on_commit([command.pk for command in commands])
+    return commands
 
 
 def meter_command_queue_balance(*, meter_no: str, reason: str, actor: str = "system") -> MeterCommand:
-    """Queue a balance command carrying the ledger balance and the register it accounts up to.
-
-    The pair is read under the meter's lock so the meter's reconciliation
-    (`local = balance − (myEnergyTotal − energyTotal)`) is exact.
-    """
+    """Queue a balance command carrying the ledger balance and the register it accounts up to."""
     with transaction.atomic():
         meter = meter_lock(meter_no=meter_no)
-        command = MeterCommand.objects.create(
-            meter=meter,
-            kind=CommandKind.BALANCE,
-            cmd_id=uuid.uuid4().hex,
-            reason=reason[:32],
-            balance_kwh=meter.balance_kwh,
-            energy_total_kwh=meter.last_energy_total_kwh,
-            actor=actor[:150],
+        (command,) = balance_commands_queue_locked(
+            meters=[(meter.pk, meter.balance_kwh, meter.last_energy_total_kwh)], reason=reason, actor=actor
         )
-        dispatch_commands_on_commit([command.pk])
     return command
 
 
@@ -263,11 +325,62 @@ def meter_command_queue_relay(*, meter_no: str, state: str, reason: str, actor: 
     return command
 
 
+def meter_commands_claim(*, command_ids: list[int], encode: Callable[[MeterCommand], bytes]) -> list[OutgoingCommand]:
+    """Claim queued commands for publishing: older queued balance commands of the same meters are
+    superseded (the newest carries the current balance), each command gets its payload once
+    (`encode`, the wire format's business) and its attempt is counted. Rows another publisher
+    holds are skipped."""
+    with transaction.atomic():
+        commands = list(
+            MeterCommand.objects.select_for_update(skip_locked=True)
+            .filter(id__in=command_ids, status=CommandStatus.QUEUED)
+            .select_related("meter")
+            .order_by("id")
+        )
+        balance_meters = {c.meter_id for c in commands if c.kind == CommandKind.BALANCE}
+        queued_balance = MeterCommand.objects.filter(
+            meter_id__in=balance_meters, kind=CommandKind.BALANCE, status=CommandStatus.QUEUED
+        )
+        newest: dict[int, int] = {}
+        for meter_id, command_id in queued_balance.values_list("meter_id", "id"):
+            newest[meter_id] = max(command_id, newest.get(meter_id, 0))
+        if balance_meters:
+            queued_balance.exclude(id__in=newest.values()).update(status=CommandStatus.SUPERSEDED)
+        claimed = []
+        for command in commands:
+            if command.kind == CommandKind.BALANCE and command.id != newest.get(command.meter_id):
+                continue
+            payload = command.payload.encode() if command.payload else encode(command)
+            MeterCommand.objects.filter(id=command.id).update(payload=payload.decode(), attempts=F("attempts") + 1)
+            claimed.append(OutgoingCommand(command.id, command.meter.meter_no, command.kind, payload))
+    return claimed
+
+
+def meter_commands_mark_sent(*, command_ids: list[int], at: datetime | None = None) -> int:
+    """The broker acknowledged these (PUBACK). Conditional: a meter may have acknowledged a
+    command before its PUBACK was processed here."""
+    if not command_ids:
+        return 0
+    return MeterCommand.objects.filter(id__in=command_ids, status=CommandStatus.QUEUED).update(
+        status=CommandStatus.SENT, sent_at=at or timezone.now()
+    )
+
+
+# ---- customers, tariffs, meters ----------------------------------------------------------------
+
+
 def tariff_create(*, name: str, kes_per_kwh, effective_from=None) -> Tariff:
-    rate = to_decimal(kes_per_kwh, field="kes_per_kwh", places=Decimal("0.0001"))
+    """A price from a date. Tariffs are history: a price change is a new row with the same name
+    from its date (meters on that tariff pay it from then on), never an edit of an old row."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidInput("A tariff needs a name", field="name")
+    rate = to_decimal(kes_per_kwh, field="kes_per_kwh", places=TARIFF_QUANTUM)
     if rate <= 0:
         raise InvalidInput("kes_per_kwh must be positive", field="kes_per_kwh")
-    return Tariff.objects.create(name=name, kes_per_kwh=rate, effective_from=effective_from or timezone.now())
+    effective_from = effective_from or timezone.now()
+    if Tariff.objects.filter(name=name.strip(), effective_from=effective_from).exists():
+        raise Conflict(f"Tariff {name} already has a price from {effective_from}", field="effective_from")
+    return Tariff.objects.create(name=name.strip(), kes_per_kwh=rate, effective_from=effective_from)
 
 
 @transaction.atomic
@@ -288,6 +401,20 @@ def customer_create(*, username: str, password: str, name: str, phone: str, emai
     return Customer.objects.create(user=user, name=name.strip(), phone=normalized)
 
 
+def customer_update(*, customer_id: int, name: str, phone: str) -> Customer:
+    """Staff correct a customer's name or M-Pesa number (the sign-in account is the user's own)."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidInput("A customer needs a name", field="name")
+    normalized = normalize_phone(phone)
+    with transaction.atomic():
+        customer = Customer.objects.select_for_update().filter(pk=customer_id).first()
+        if customer is None:
+            raise NotFound(f"Unknown customer {customer_id}", field="customer_id")
+        customer.name, customer.phone = name.strip(), normalized
+        customer.save(update_fields=["name", "phone"])
+    return customer
+
+
 def meter_provision(*, meter_no: str, owner: Customer | None, tariff: Tariff) -> Meter:
     validate_meter_no(meter_no)
     try:
@@ -297,14 +424,29 @@ def meter_provision(*, meter_no: str, owner: Customer | None, tariff: Tariff) ->
         raise Conflict(f"Meter {meter_no} already exists", field="meter_no") from None
 
 
-def meter_update(*, meter_no: str, owner: Customer | None = None, tariff: Tariff | None = None) -> Meter:
+def meter_provision_many(*, meter_nos: list[str], tariff: Tariff) -> int:
+    """Provision a fleet without owners in few statements (an import, a benchmark); refuses the
+    whole list if any number is invalid or already exists."""
+    for meter_no in meter_nos:
+        validate_meter_no(meter_no)
+    try:
+        with transaction.atomic():
+            return len(Meter.objects.bulk_create([Meter(meter_no=n, tariff=tariff) for n in meter_nos], batch_size=5000))
+    except IntegrityError:
+        raise Conflict("Some of these meters already exist", field="meter_no") from None
+
+
+def meter_update(*, meter_no: str, owner=UNCHANGED, tariff=UNCHANGED) -> Meter:
+    """Change a meter's owner (None: no owner) or tariff; an argument left out stays as it is."""
     with transaction.atomic():
         meter = meter_lock(meter_no=meter_no)
         fields = []
-        if owner is not None:
+        if owner is not UNCHANGED:
             meter.owner = owner
             fields.append("owner")
-        if tariff is not None:
+        if tariff is not UNCHANGED:
+            if tariff is None:
+                raise InvalidInput("A meter needs a tariff", field="tariff")
             meter.tariff = tariff
             fields.append("tariff")
         if fields:

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from meters.admin import ReadOnlyAdmin
+from core.admin import ReadOnlyAdmin
 from mqtt_worker.models import DeadLetter
 
 

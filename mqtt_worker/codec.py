@@ -12,23 +12,20 @@ binary double. Commands are written the other way: Decimal → JSON number text,
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
 import orjson
 
-MAX_PAYLOAD_BYTES = 1024
-KWH = Decimal("0.000001")
-# Far above any real register or balance, well inside the database column (12 integer digits).
-MAX_KWH = Decimal("1000000000")
-MAX_INT = 2**63 - 1
-# PROTOCOL.md: a timestamp below 1e12 ms is "milliseconds since boot": time unknown.
-TRUSTED_TIME_MIN_MS = 10**12
-# The last millisecond of year 9999: a later "timestamp" is not a time at all.
-MAX_TIMESTAMP_MS = 253402300799999
+from core.rules import (
+    KWH_QUANTUM,
+    MAX_PAYLOAD_BYTES,
+    MAX_TIMESTAMP_MS,
+    MAX_WIRE_INT,
+    MAX_WIRE_KWH,
+    valid_meter_no,
+)
+from meters.reports import BalanceReport, ConsumptionReport, Report, StatusUpdate
 
-METER_NO = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 TOPIC_PREFIX = "smartmeter"
 REPORT_KINDS = ("consumption", "status", "balance")
 COMMAND_KINDS = ("balance", "relay")
@@ -77,7 +74,7 @@ def parse_topic(topic: str) -> tuple[str, str]:
     parts = topic.split("/")
     if len(parts) != 3 or parts[0] != TOPIC_PREFIX or parts[2] not in REPORT_KINDS:
         raise CodecError(f"not a report topic: {topic!r}")
-    if not METER_NO.fullmatch(parts[1]):
+    if not valid_meter_no(parts[1]):
         raise CodecError(f"invalid meterNo in topic: {parts[1]!r}")
     return parts[1], parts[2]
 
@@ -87,65 +84,18 @@ def parse_command_topic(topic: str) -> tuple[str, str]:
     parts = topic.split("/")
     if len(parts) != 4 or parts[0] != TOPIC_PREFIX or parts[2] != "command" or parts[3] not in COMMAND_KINDS:
         raise CodecError(f"not a command topic: {topic!r}")
-    if not METER_NO.fullmatch(parts[1]):
+    if not valid_meter_no(parts[1]):
         raise CodecError(f"invalid meterNo in topic: {parts[1]!r}")
     return parts[1], parts[3]
 
 
 def _meter_no(meter_no: str) -> str:
-    if not isinstance(meter_no, str) or not METER_NO.fullmatch(meter_no):
+    if not valid_meter_no(meter_no):
         raise CodecError(f"invalid meterNo {meter_no!r}")
     return meter_no
 
 
 # --- reports ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ConsumptionReport:
-    meter_no: str
-    units_consumed_kwh: Decimal
-    remaining_balance_kwh: Decimal
-    total_consumed_kwh: Decimal
-    timestamp_ms: int
-    seq: int | None = None
-    energy_total_kwh: Decimal | None = None
-
-    @property
-    def time_trusted(self) -> bool:
-        return self.timestamp_ms >= TRUSTED_TIME_MIN_MS
-
-    @property
-    def dedup_key(self) -> str:
-        """The report's identity (PROTOCOL.md): its seq if sent, else (timestamp, totalConsumed)."""
-        if self.seq is not None:
-            return f"s:{self.seq}"
-        return f"t:{self.timestamp_ms}:{self.total_consumed_kwh}"
-
-
-@dataclass(frozen=True, slots=True)
-class StatusUpdate:
-    meter_no: str
-    status: str
-    message: str = ""
-    balance_kwh: Decimal | None = None
-    wifi_rssi: int | None = None
-    timestamp_ms: int | None = None
-    relay: str = ""
-    firmware: str = ""
-    uptime_s: int | None = None
-    reset_reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class BalanceReport:
-    meter_no: str
-    balance_kwh: Decimal
-    timestamp_ms: int | None = None
-    cmd_id: str = ""
-
-
-Report = ConsumptionReport | StatusUpdate | BalanceReport
 
 _MISSING = object()
 
@@ -165,14 +115,14 @@ def _number(data: dict, name: str, *, required: bool = True, minimum: Decimal | 
         raise CodecError(f"{name} is not a number: {value!r}") from None
     if not number.is_finite():
         raise CodecError(f"{name} must be finite, got {value!r}")
-    if abs(number) > MAX_KWH:
+    if abs(number) > MAX_WIRE_KWH:
         raise CodecError(f"{name} is out of range: {value!r}")
     if minimum is not None and number < minimum:
         raise CodecError(f"{name} must be ≥ {minimum}, got {value!r}")
-    return number.quantize(KWH, rounding=ROUND_HALF_EVEN)
+    return number.quantize(KWH_QUANTUM, rounding=ROUND_HALF_EVEN)
 
 
-def _integer(data: dict, name: str, *, required: bool, minimum: int | None = 0, maximum: int = MAX_INT):
+def _integer(data: dict, name: str, *, required: bool, minimum: int | None = 0, maximum: int = MAX_WIRE_INT):
     value = data.get(name, _MISSING)
     if value is _MISSING or value is None:
         if required:
@@ -225,6 +175,7 @@ def decode(topic: str, payload: bytes) -> Report:
             timestamp_ms=_integer(data, "timestamp", required=True, maximum=MAX_TIMESTAMP_MS),
             seq=_integer(data, "seq", required=False),
             energy_total_kwh=_number(data, "energyTotal", required=False, minimum=Decimal(0)),
+            raw_payload=payload.decode(),  # valid UTF-8: orjson refused anything else
         )
     if kind == "status":
         status = data.get("status")
@@ -241,6 +192,7 @@ def decode(topic: str, payload: bytes) -> Report:
             firmware=_string(data, "fw", max_length=32),
             uptime_s=_integer(data, "uptime", required=False),
             reset_reason=_string(data, "resetReason", max_length=32),
+            raw_payload=payload.decode(),
         )
     return BalanceReport(
         meter_no=meter_no,

@@ -2,7 +2,7 @@
 
 One persistent paho client per process (a Celery worker process keeps it between tasks), with
 TCP_NODELAY: a task publishes and waits only for PUBACKs, so "callback → command at the broker"
-costs a few milliseconds after Celery picks the task up. Its client id is unique per process
+costs little beyond Celery picking the task up. Its client id is unique per process
 (a prefork pool has several): outgoing QoS 1 is kept only in memory anyway, which is why the
 database outbox, not the MQTT session, makes delivery reliable. A row stays `queued` until its
 PUBACK; the beat sweep publishes whatever is still queued (a lost hint, a broker outage).
@@ -19,14 +19,14 @@ from datetime import timedelta
 
 import paho.mqtt.client as mqtt
 from django.conf import settings
-from django.db import transaction
-from django.db.models import F, Max
 from django.utils import timezone
 from paho.mqtt.enums import CallbackAPIVersion
 
-from meters.models import CommandKind, CommandStatus, MeterCommand
+from meters.models import CommandKind, MeterCommand
+from meters.selectors import meter_commands_pending
+from meters.services import meter_commands_claim, meter_commands_mark_sent
+from mqtt_worker.client import configure_client, tune_socket
 from mqtt_worker.codec import command_topic, encode_balance_command, encode_relay_command
-from mqtt_worker.worker import configure_client, tune_socket
 
 logger = logging.getLogger("mqtt_worker.publisher")
 
@@ -79,40 +79,6 @@ def get_publisher() -> Publisher:
         return _publisher
 
 
-def _prepare(command_ids: list[int]) -> list[tuple[int, str, bytes]]:
-    """Supersede older balance commands, write payloads, count attempts: (id, topic, payload)."""
-    with transaction.atomic():
-        commands = list(
-            MeterCommand.objects.select_for_update(skip_locked=True)
-            .filter(id__in=command_ids, status=CommandStatus.QUEUED)
-            .select_related("meter")
-            .order_by("id")
-        )
-        balance_meters = {c.meter_id for c in commands if c.kind == CommandKind.BALANCE}
-        newest = dict(
-            MeterCommand.objects.filter(meter_id__in=balance_meters, kind=CommandKind.BALANCE, status=CommandStatus.QUEUED)
-            .values("meter_id")
-            .annotate(newest=Max("id"))
-            .values_list("meter_id", "newest")
-        )
-        superseded = MeterCommand.objects.filter(
-            meter_id__in=balance_meters, kind=CommandKind.BALANCE, status=CommandStatus.QUEUED
-        ).exclude(id__in=newest.values())
-        if balance_meters and superseded.update(status=CommandStatus.SUPERSEDED):
-            logger.info("Superseded older queued balance commands of %d meter(s)", len(balance_meters))
-        to_send = []
-        for command in commands:
-            if command.kind == CommandKind.BALANCE and command.id != newest.get(command.meter_id):
-                continue
-            if not command.payload:
-                command.payload = _payload(command).decode()
-            topic = command_topic(command.meter.meter_no, command.kind)
-            to_send.append((command.id, topic, command.payload.encode(), command.payload))
-        for command_id, _, _, text in to_send:
-            MeterCommand.objects.filter(id=command_id).update(payload=text, attempts=F("attempts") + 1)
-    return [(command_id, topic, payload) for command_id, topic, payload, _ in to_send]
-
-
 def _payload(command: MeterCommand) -> bytes:
     timestamp_ms = int(command.issued_at.timestamp() * 1000)
     if command.kind == CommandKind.BALANCE:
@@ -136,8 +102,11 @@ def publish_commands(command_ids: list[int]) -> int:
     publisher = get_publisher()
     if not publisher.wait_connected():
         raise ConnectionError("MQTT broker not reachable; the commands stay queued for the sweep")
-    prepared = _prepare(ids)
-    infos = [(command_id, topic, publisher.publish(topic, payload)) for command_id, topic, payload in prepared]
+    claimed = meter_commands_claim(command_ids=ids, encode=_payload)
+    infos = []
+    for command in claimed:
+        topic = command_topic(command.meter_no, command.kind)
+        infos.append((command.id, topic, publisher.publish(topic, command.payload)))
     deadline = time.monotonic() + PUBACK_TIMEOUT_S
     acked = []
     for command_id, topic, info in infos:
@@ -148,20 +117,11 @@ def publish_commands(command_ids: list[int]) -> int:
             continue
         if info.is_published():
             acked.append(command_id)
-    if acked:
-        # Conditional: a meter may have acknowledged a command before we got here.
-        MeterCommand.objects.filter(id__in=acked, status=CommandStatus.QUEUED).update(
-            status=CommandStatus.SENT, sent_at=timezone.now()
-        )
+    meter_commands_mark_sent(command_ids=acked)
     if len(acked) < len(infos):
         logger.warning("%d of %d commands without PUBACK; they stay queued", len(infos) - len(acked), len(infos))
     return len(acked)
 
 
 def pending_command_ids() -> list[int]:
-    cutoff = timezone.now() - SWEEP_GRACE
-    return list(
-        MeterCommand.objects.filter(status=CommandStatus.QUEUED, issued_at__lt=cutoff)
-        .order_by("id")
-        .values_list("id", flat=True)[:SWEEP_LIMIT]
-    )
+    return meter_commands_pending(queued_before=timezone.now() - SWEEP_GRACE, limit=SWEEP_LIMIT)

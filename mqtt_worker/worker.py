@@ -19,8 +19,6 @@ import itertools
 import logging
 import queue
 import signal
-import socket
-import ssl
 import struct
 import threading
 import time
@@ -36,9 +34,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from meters.events import group_send_events
+from meters.events import ConsumptionEvents, group_send_events, live_events
+from mqtt_worker.client import configure_client, tune_socket
 from mqtt_worker.codec import report_subscriptions
-from mqtt_worker.ingest import BatchResult, Message, ingest_batch, live_events
+from mqtt_worker.ingest import BatchResult, Message, ingest_batch
 
 logger = logging.getLogger("mqtt_worker")
 # Per-report lines are logged at INFO while traffic is light (the seed's log style); under a
@@ -56,37 +55,17 @@ class _Received:
     message: Message
 
 
-def tune_socket(sock) -> None:
-    """Nagle's algorithm adds ~5 ms p50 / ~11 ms p99 per report on loopback (measured)."""
-    raw = getattr(sock, "_sock", sock)  # paho may wrap the socket (TLS, websockets)
-    try:
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass
-
-
-def configure_client(client: mqtt.Client) -> None:
-    """Credentials and TLS from settings.MQTT (parsed from MQTT_URL) and MQTT_CA_FILE."""
-    config = settings.MQTT
-    if config.get("username"):
-        client.username_pw_set(config["username"], config.get("password") or None)
-    if config.get("tls"):
-        client.tls_set(ca_certs=settings.MQTT_CA_FILE, cert_reqs=ssl.CERT_REQUIRED)
-    client.reconnect_delay_set(min_delay=1, max_delay=30)
-
-
 class EventSender(threading.Thread):
     """Live events off the hot path. Committed state is queued here, coalesced per meter and
     kind (the latest wins), and sent to the meters' groups and the staff group (the messages
-    meters.events.send_meter_events sends) from one asyncio loop of this thread's own: about
-    0.1 ms per group_send instead of ~2.5 ms through async_to_sync.
+    meters.events.send_meter_events sends) from one asyncio loop of this thread's own, which is
+    far cheaper per group_send than async_to_sync.
 
     The thread gets at most BUSY_SHARE of the time: after each slice of sends it sleeps in
     proportion. Sending through channels_redis costs the GIL that paho's network thread and
-    the batch loop need (measured: 17 % of the GIL under a flood with a fixed sends/s cap, and
-    the main cause of publish→commit p99 at 1,000 reports/s); meanwhile newer state simply
-    replaces older in the queue, so a flood delays the view, never ingestion. Events are a view:
-    if Redis is down they are logged and dropped."""
+    the batch loop need (it was the main cause of publish→commit p99 at a steady load);
+    meanwhile newer state simply replaces older in the queue, so a flood delays the view, never
+    ingestion. Events are a view: if Redis is down they are logged and dropped."""
 
     BUSY_SHARE = 0.1
     SLICE = 32  # events per slice: short GIL holds between pauses (and one staff message)
@@ -98,16 +77,16 @@ class EventSender(threading.Thread):
         self._stopping = False
 
     def put(self, events: list) -> None:
-        """Events as in BatchResult.events: dicts or mqtt_worker.ingest.ConsumptionEvents."""
+        """Events as services return them: dicts, or ConsumptionEvents (rendered when sent)."""
         if not events:
             return
         with self._lock:
             pending = self._pending
             for event in events:
-                if type(event) is dict:
-                    pending[(event["meterNo"], event["type"])] = event
-                else:  # rendered into the `balance` and `reading` events when sent
+                if type(event) is ConsumptionEvents:  # the `balance` and `reading` events, when sent
                     pending[(event.meter_no, "consumption")] = event
+                else:
+                    pending[(event["meterNo"], event["type"])] = event
             self._lock.notify()
 
     def _take(self) -> list | None:
@@ -207,8 +186,8 @@ class IngestWorker:
     def _on_message(self, client, userdata, msg) -> None:
         # A full inbox blocks paho's network thread, so it stops reading the socket and TCP
         # pushes back to the broker: the broker's ReceiveMaximum window alone does not bound
-        # the inbox after a stall on Mosquitto 2.0.11 (see connect()); 200,000 queued reports
-        # then took the worker to 140 MB.
+        # the inbox after a stall on Mosquitto 2.0.11 (see connect()), and an unbounded inbox
+        # then holds the whole backlog in memory.
         item = _Received(self._generation, msg.mid, msg.qos, Message(msg.topic, msg.payload))
         while True:
             try:
@@ -269,10 +248,10 @@ class IngestWorker:
                 # nothing new arrived, and take any that are already done.
                 while in_flight and (len(in_flight) >= self._pipeline_depth or not batch or in_flight[0][1].done()):
                     done_batch, future = in_flight.popleft()
-                    self._finish(done_batch, future.result())
+                    self._ack_and_report(done_batch, future.result())
             while in_flight:  # stopping: what is in the database commits and is acked
                 done_batch, future = in_flight.popleft()
-                self._finish(done_batch, future.result())
+                self._ack_and_report(done_batch, future.result())
         finally:
             self._committers.shutdown(wait=True)
             self.client.disconnect()
@@ -335,7 +314,7 @@ class IngestWorker:
                 delay = min(delay * 2, 10.0)
         return result, started, time.time_ns()
 
-    def _finish(self, batch: list[_Received], outcome: tuple[BatchResult, float, int] | None) -> None:
+    def _ack_and_report(self, batch: list[_Received], outcome: tuple[BatchResult, float, int] | None) -> None:
         """In the main thread, in arrival order: ack a committed batch, then events and logs."""
         if outcome is None:
             return
@@ -349,7 +328,7 @@ class IngestWorker:
     def _ack(self, batch: list[_Received]) -> None:
         """PUBACKs in arrival order, as one write. `client.ack()` per message queues a packet,
         wakes the network thread through its socket pair and sends one TCP segment per ack
-        (TCP_NODELAY): 500 of each per batch. The PUBACKs are the same bytes `client.ack()`
+        (TCP_NODELAY): one of each per message of the batch. The PUBACKs are the same bytes `client.ack()`
         builds (paho 2.2's `_send_command_with_mid`: type, length 2, message id); they go into
         paho's outgoing queue as one packet, so they are written by the network thread in
         order with everything else it sends."""
@@ -372,7 +351,7 @@ class IngestWorker:
             logger.info("Dropped %d acks from an earlier connection; the broker redelivers them", stale)
 
     def _log(self, result: BatchResult, size: int, seconds: float) -> None:
-        if len(result.line_items) <= REPORT_LINES_PER_BATCH:
+        if result.line_count <= REPORT_LINES_PER_BATCH:
             for line in result.lines:
                 logger.info(line)
         else:

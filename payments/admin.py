@@ -7,8 +7,8 @@ from django import forms
 from django.contrib import admin, messages
 from django.shortcuts import render
 
-from meters.admin import ReadOnlyMixin
-from meters.errors import DomainError
+from core.admin import ReadOnlyMixin
+from core.errors import DomainError
 from payments import services
 from payments.models import Callback, Payment, PaymentAudit, PaymentStatus
 

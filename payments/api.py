@@ -10,8 +10,7 @@ from rest_framework import generics, status, throttling
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from meters.api import ERROR_FIELD_NAMES, IDEMPOTENCY_KEY_HEADER, idempotency_key_from
-from meters.serializers import ErrorSerializer
+from core.api import ERROR_FIELD_NAMES, IDEMPOTENCY_KEY_HEADER, ErrorSerializer, idempotency_key_from
 from payments.selectors import payment_get_for_user, payments_for_user
 from payments.serializers import PaymentSerializer, PaymentStartSerializer
 from payments.services import stk_push_start

@@ -1,7 +1,7 @@
-"""Payment errors. They are meters.errors.DomainError subclasses, so views and the API turn them
+"""Payment errors. They are core.errors.DomainError subclasses, so views and the API turn them
 into the project's one error format (code, message, field, HTTP status)."""
 
-from meters.errors import DomainError
+from core.errors import DomainError
 
 
 class MpesaUnavailable(DomainError):

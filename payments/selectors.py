@@ -2,8 +2,8 @@
 
 from django.db.models import Q, QuerySet
 
-from meters.errors import NotFound
-from meters.models import CommandKind, CommandStatus, MeterCommand
+from core.errors import NotFound
+from meters.selectors import balance_acknowledged_since
 from payments.models import Payment
 
 
@@ -41,6 +41,4 @@ def payment_delivered_to_meter(payment: Payment) -> bool:
     """
     if payment.command_id is None:
         return False
-    return MeterCommand.objects.filter(
-        meter_id=payment.meter_id, kind=CommandKind.BALANCE, id__gte=payment.command_id, status=CommandStatus.ACKNOWLEDGED
-    ).exists()
+    return balance_acknowledged_since(meter_id=payment.meter_id, command_id=payment.command_id)

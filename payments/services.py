@@ -13,7 +13,6 @@ Daraja is called outside any transaction: a slow gateway never holds a row lock.
 
 import json
 import logging
-import re
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import ROUND_DOWN, Decimal, InvalidOperation
@@ -23,11 +22,12 @@ from django.db import IntegrityError, transaction
 from django.urls import reverse
 from django.utils import timezone
 
-from meters.errors import Conflict, DomainError, InvalidInput, NotFound
-from meters.models import KES_QUANTUM, KWH_QUANTUM, Meter
+from core.errors import Conflict, DomainError, InvalidInput, NotFound
+from core.rules import IDEMPOTENCY_KEY_HELP, KES_QUANTUM, MPESA_ID, valid_idempotency_key
+from meters.models import Meter
 from meters.phone import normalize_phone
-from meters.selectors import meter_get_for_user
-from meters.services import ledger_credit, meter_command_queue_balance, meter_lock
+from meters.selectors import meter_for_account_reference, meter_get_for_user, tariff_rate_in_effect
+from meters.services import ledger_credit_purchase, meter_lock, units_for_amount
 from payments import daraja
 from payments.errors import MpesaRefused, MpesaUnavailable
 from payments.models import (
@@ -57,8 +57,6 @@ MAX_CALLBACK_BYTES = 64 * 1024
 TERMINAL = {PaymentStatus.SUCCEEDED, PaymentStatus.FAILED, PaymentStatus.CANCELLED, PaymentStatus.TIMED_OUT}
 # States evidence may still settle: pending, and needs_review (a late callback or staff query).
 OPEN = {PaymentStatus.PENDING, PaymentStatus.NEEDS_REVIEW}
-_IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_MPESA_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 
 def status_for_result_code(result_code: str) -> str:
@@ -72,22 +70,7 @@ def status_for_result_code(result_code: str) -> str:
     return PaymentStatus.FAILED
 
 
-# ---- money to units ---------------------------------------------------------------------------
-
-
-def units_for_amount(*, amount_kes: Decimal, kes_per_kwh: Decimal) -> tuple[Decimal, Decimal]:
-    """Units bought with `amount_kes` at `kes_per_kwh`, and the money rounding left over.
-
-    The rule: units = amount / rate, rounded DOWN to the ledger's 6 places (the customer is never
-    given energy that was not paid for). The remainder (amount − units × rate, exact, always
-    below rate × 0.000001) is returned so it can be recorded with the payment and in the ledger
-    entry's reason: nothing is lost silently.
-    """
-    if amount_kes <= 0 or kes_per_kwh <= 0:
-        raise InvalidInput("Amount and tariff must be positive", field="amount_kes")
-    units = (amount_kes / kes_per_kwh).quantize(KWH_QUANTUM, rounding=ROUND_DOWN)
-    remainder = amount_kes - units * kes_per_kwh
-    return units, remainder
+# ---- amounts ---------------------------------------------------------------------------------
 
 
 def _whole_shillings(value) -> Decimal:
@@ -122,36 +105,24 @@ def _c2b_amount(value) -> Decimal | None:
 
 
 def _credit_locked(payment: Payment, *, idempotency_key: str, reference: str, actor: str) -> str:
-    """Credit the payment's meter and queue the balance command. The caller holds the payment lock."""
-    meter = meter_lock(meter_no=payment.meter.meter_no)
-    rate = meter.tariff.kes_per_kwh
-    units, remainder = units_for_amount(amount_kes=payment.amount_kes, kes_per_kwh=rate)
-    if units <= 0:
-        raise InvalidInput(f"KES {payment.amount_kes} buys no units at KES {rate}/kWh", field="amount_kes")
-    reason = f"M-Pesa {reference}: KES {payment.amount_kes} at {rate}/kWh = {units} kWh"
-    if remainder:
-        reason += f" (remainder KES {remainder.normalize():f} not credited)"
-    posting = ledger_credit(
-        meter_no=meter.meter_no,
-        units_kwh=units,
-        idempotency_key=idempotency_key,
-        actor=actor,
-        reason=reason,
-        amount_kes=payment.amount_kes,
+    """Credit the payment's meter (priced, posted and sent to the meter by one meters service
+    call under the meter's lock). The caller holds the payment lock."""
+    purchase = ledger_credit_purchase(
+        meter_no=payment.meter.meter_no, amount_kes=payment.amount_kes, idempotency_key=idempotency_key,
+        actor=actor, reference=f"M-Pesa {reference}",
     )
-    command = meter_command_queue_balance(meter_no=meter.meter_no, reason="payment", actor=actor)
     now = timezone.now()
     payment.status = PaymentStatus.SUCCEEDED
-    payment.units_kwh = units
-    payment.kes_per_kwh = rate
-    payment.remainder_kes = remainder
-    payment.ledger_entry = posting.entry
-    payment.command = command
+    payment.units_kwh = purchase.units_kwh
+    payment.kes_per_kwh = purchase.kes_per_kwh
+    payment.remainder_kes = purchase.remainder_kes
+    payment.ledger_entry = purchase.posting.entry
+    payment.command = purchase.posting.command
     payment.resolved_at = now
     payment.updated_at = now
     payment.next_query_at = None
     payment.save()
-    return f"credited {units} kWh to {meter.meter_no}"
+    return f"credited {purchase.units_kwh} kWh to {payment.meter.meter_no}"
 
 
 def _settle_failure_locked(payment: Payment, *, result_code: str, result_desc: str) -> str:
@@ -204,11 +175,11 @@ def stk_push_start(*, user, meter_no: str, phone: str, amount_kes, idempotency_k
     meter = meter_get_for_user(user=user, meter_no=meter_no)
     phone_number = normalize_phone(phone)
     amount = _whole_shillings(amount_kes)
-    units, _ = units_for_amount(amount_kes=amount, kes_per_kwh=meter.tariff.kes_per_kwh)
+    units, _ = units_for_amount(amount_kes=amount, kes_per_kwh=tariff_rate_in_effect(tariff=meter.tariff))
     if units <= 0:
         raise InvalidInput(f"KES {amount} buys no units at this meter's tariff", field="amount_kes")
-    if idempotency_key is not None and (not isinstance(idempotency_key, str) or not _IDEMPOTENCY_KEY.match(idempotency_key)):
-        raise InvalidInput("Idempotency key: 1-64 of A-Z a-z 0-9 _ . : -", field="idempotency_key")
+    if idempotency_key is not None and not valid_idempotency_key(idempotency_key):
+        raise InvalidInput(f"Idempotency key: {IDEMPOTENCY_KEY_HELP}", field="idempotency_key")
     if idempotency_key:
         existing = Payment.objects.filter(initiated_by=user, client_idempotency_key=idempotency_key).first()
         if existing is not None:
@@ -277,7 +248,7 @@ def callback_record(*, kind: str, body: bytes, remote_addr: str | None) -> Callb
     return Callback.objects.create(kind=kind, body=text, remote_addr=remote_addr)
 
 
-def _finish(callback: Callback, status: str, *, outcome: str = "", error: str = "", reply: dict | None = None,
+def _callback_done(callback: Callback, status: str, *, outcome: str = "", error: str = "", reply: dict | None = None,
             payment: Payment | None = None) -> None:
     if status == CallbackStatus.REFUSED:
         logger.warning("%s callback %s refused: %s", callback.kind, callback.pk, error)
@@ -315,7 +286,7 @@ def parse_stk_callback(body: str) -> StkResult:
         result_code=str(code).strip(),
         result_desc=str(callback.get("ResultDesc", "")),
         amount_kes=Decimal(str(amount)) if isinstance(amount, int | Decimal) and not isinstance(amount, bool) else None,
-        receipt=str(receipt) if isinstance(receipt, str) and _MPESA_ID.match(receipt) else None,
+        receipt=str(receipt) if isinstance(receipt, str) and MPESA_ID.match(receipt) else None,
     )
 
 
@@ -365,22 +336,22 @@ def stk_callback_process(*, callback_id: int) -> None:
     try:
         result = parse_stk_callback(callback.body)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        _finish(callback, CallbackStatus.REFUSED, error=f"not an STK callback: {error.__class__.__name__} {error}")
+        _callback_done(callback, CallbackStatus.REFUSED, error=f"not an STK callback: {error.__class__.__name__} {error}")
         return
     try:
         with transaction.atomic():
             payment = Payment.objects.select_for_update().filter(checkout_request_id=result.checkout_request_id).first()
             if payment is None or payment.channel != PaymentChannel.STK:
-                _finish(callback, CallbackStatus.REFUSED, error=f"unknown CheckoutRequestID {result.checkout_request_id}")
+                _callback_done(callback, CallbackStatus.REFUSED, error=f"unknown CheckoutRequestID {result.checkout_request_id}")
                 return
             try:
                 outcome = _apply_stk_result_locked(payment, result)
             except _Refused as refusal:
-                _finish(callback, CallbackStatus.REFUSED, error=str(refusal), payment=payment)
+                _callback_done(callback, CallbackStatus.REFUSED, error=str(refusal), payment=payment)
                 return
-            _finish(callback, CallbackStatus.PROCESSED, outcome=outcome, payment=payment)
+            _callback_done(callback, CallbackStatus.PROCESSED, outcome=outcome, payment=payment)
     except (DomainError, IntegrityError) as error:
-        _finish(callback, CallbackStatus.FAILED, error=f"{error.__class__.__name__}: {error}")
+        _callback_done(callback, CallbackStatus.FAILED, error=f"{error.__class__.__name__}: {error}")
         logger.exception("STK callback %s failed", callback.pk)
 
 
@@ -391,18 +362,6 @@ C2B_INVALID_ACCOUNT = {"ResultCode": "C2B00012", "ResultDesc": "Rejected"}
 C2B_INVALID_AMOUNT = {"ResultCode": "C2B00013", "ResultDesc": "Rejected"}
 C2B_OTHER = {"ResultCode": "C2B00016", "ResultDesc": "Rejected"}
 C2B_CONFIRMED = {"ResultCode": 0, "ResultDesc": "Success"}
-
-
-def _meter_for_bill_ref(bill_ref: str) -> Meter | None:
-    """The meter a customer typed as the account number: exact, else case-insensitive if unambiguous."""
-    ref = bill_ref.strip()
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", ref):
-        return None
-    meter = Meter.objects.filter(meter_no=ref).first()
-    if meter is None:
-        candidates = list(Meter.objects.filter(meter_no__iexact=ref)[:2])
-        meter = candidates[0] if len(candidates) == 1 else None
-    return meter
 
 
 def _c2b_fields(body: str) -> dict:
@@ -418,17 +377,17 @@ def c2b_validate(*, callback_id: int) -> dict:
     try:
         fields = _c2b_fields(callback.body)
     except ValueError as error:
-        _finish(callback, CallbackStatus.REFUSED, error=f"not a C2B request: {error}", reply=C2B_OTHER)
+        _callback_done(callback, CallbackStatus.REFUSED, error=f"not a C2B request: {error}", reply=C2B_OTHER)
         return C2B_OTHER
-    meter = _meter_for_bill_ref(fields["BillRefNumber"])
+    meter = meter_for_account_reference(reference=fields["BillRefNumber"])
     if meter is None:
         reply, error = C2B_INVALID_ACCOUNT, f"unknown account number {fields['BillRefNumber']!r}"
     elif _c2b_amount(fields["TransAmount"]) is None:
         reply, error = C2B_INVALID_AMOUNT, f"amount {fields['TransAmount']!r} not accepted"
     else:
-        _finish(callback, CallbackStatus.PROCESSED, outcome=f"accepted for {meter.meter_no}", reply=C2B_ACCEPT)
+        _callback_done(callback, CallbackStatus.PROCESSED, outcome=f"accepted for {meter.meter_no}", reply=C2B_ACCEPT)
         return C2B_ACCEPT
-    _finish(callback, CallbackStatus.REFUSED, error=error, reply=reply)
+    _callback_done(callback, CallbackStatus.REFUSED, error=error, reply=reply)
     return reply
 
 
@@ -438,13 +397,13 @@ def c2b_confirm(*, callback_id: int) -> dict:
     try:
         fields = _c2b_fields(callback.body)
     except ValueError as error:
-        _finish(callback, CallbackStatus.REFUSED, error=f"not a C2B request: {error}", reply=C2B_CONFIRMED)
+        _callback_done(callback, CallbackStatus.REFUSED, error=f"not a C2B request: {error}", reply=C2B_CONFIRMED)
         return C2B_CONFIRMED
     trans_id, amount = fields["TransID"], _c2b_amount(fields["TransAmount"])
-    meter = _meter_for_bill_ref(fields["BillRefNumber"])
+    meter = meter_for_account_reference(reference=fields["BillRefNumber"])
     # Money has arrived even when these fail (validation may be switched off at Safaricom):
     # the refused callback is kept for staff, and Daraja is told it was received.
-    if not _MPESA_ID.match(trans_id):
+    if not MPESA_ID.match(trans_id):
         error = f"TransID {trans_id!r} is not an M-Pesa transaction id"
     elif meter is None:
         error = f"unknown account number {fields['BillRefNumber']!r} for TransID {trans_id}: refund or assign by hand"
@@ -454,7 +413,7 @@ def c2b_confirm(*, callback_id: int) -> dict:
         error = ""
     if error:
         logger.error("C2B confirmation %s not credited: %s", callback.pk, error)
-        _finish(callback, CallbackStatus.REFUSED, error=error, reply=C2B_CONFIRMED)
+        _callback_done(callback, CallbackStatus.REFUSED, error=error, reply=C2B_CONFIRMED)
         return C2B_CONFIRMED
     try:
         phone = normalize_phone(fields["MSISDN"])
@@ -467,7 +426,7 @@ def c2b_confirm(*, callback_id: int) -> dict:
             meter_lock(meter_no=meter.meter_no)
             existing = Payment.objects.select_for_update().filter(c2b_trans_id=trans_id).first()
             if existing is not None:
-                _finish(callback, CallbackStatus.PROCESSED, outcome="duplicate: already credited", reply=C2B_CONFIRMED,
+                _callback_done(callback, CallbackStatus.PROCESSED, outcome="duplicate: already credited", reply=C2B_CONFIRMED,
                         payment=existing)
                 return C2B_CONFIRMED
             payment = Payment.objects.create(
@@ -475,9 +434,9 @@ def c2b_confirm(*, callback_id: int) -> dict:
                 mpesa_receipt=trans_id, bill_ref=fields["BillRefNumber"][:64], result_code="0", result_desc="Paybill",
             )
             outcome = _credit_locked(payment, idempotency_key=f"mpesa:{trans_id}", reference=trans_id, actor="mpesa")
-            _finish(callback, CallbackStatus.PROCESSED, outcome=outcome, reply=C2B_CONFIRMED, payment=payment)
+            _callback_done(callback, CallbackStatus.PROCESSED, outcome=outcome, reply=C2B_CONFIRMED, payment=payment)
     except (DomainError, IntegrityError) as error:
-        _finish(callback, CallbackStatus.FAILED, error=f"{error.__class__.__name__}: {error}", reply=C2B_CONFIRMED)
+        _callback_done(callback, CallbackStatus.FAILED, error=f"{error.__class__.__name__}: {error}", reply=C2B_CONFIRMED)
         logger.exception("C2B confirmation %s failed", callback.pk)
     return C2B_CONFIRMED
 
@@ -621,7 +580,7 @@ def _note_required(note) -> str:
 def payment_resolve_credit(*, payment_id: int, actor, note: str, receipt: str | None = None) -> Payment:
     """Staff: the money was received (e.g. seen in the M-Pesa portal); credit the meter once."""
     note = _note_required(note)
-    if receipt is not None and receipt != "" and not _MPESA_ID.match(receipt):
+    if receipt is not None and receipt != "" and not MPESA_ID.match(receipt):
         raise InvalidInput("Receipt: 1-32 letters or digits", field="receipt")
     with transaction.atomic():
         payment = _staff_payment_locked(payment_id=payment_id, actor=actor)

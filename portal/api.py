@@ -14,8 +14,9 @@ from rest_framework import permissions, serializers, status, throttling
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from meters.errors import InvalidInput
-from meters.serializers import CustomerSerializer, Text
+from core.api import Text
+from core.errors import InvalidInput
+from meters.serializers import CustomerSerializer
 from portal.exceptions import error_body
 from portal.models import ApiToken
 from portal.tokens import token_issue, token_revoke, tokens_for_user

@@ -2,6 +2,7 @@
 
 from django.urls import path, register_converter
 
+from core.rules import METER_NO_PATTERN
 from meters import api as meters_api
 from mqtt_worker import api as mqtt_api
 from payments import api as payments_api
@@ -10,7 +11,7 @@ from portal import api as portal_api
 
 class MeterNoConverter:
     # PROTOCOL.md meterNo; anything else cannot name a meter, so it is a 404 like any unknown path.
-    regex = r"[A-Za-z0-9_-]{1,32}"
+    regex = METER_NO_PATTERN
 
     def to_python(self, value: str) -> str:
         return value

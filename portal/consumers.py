@@ -10,9 +10,9 @@ from decimal import Decimal, InvalidOperation
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from meters.errors import DomainError
+from core.errors import DomainError
+from core.rules import KES_QUANTUM
 from meters.events import meter_group
-from meters.models import KES_QUANTUM
 from meters.selectors import meter_balance_kes, meter_get_for_user
 
 

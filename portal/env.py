@@ -4,10 +4,13 @@ Every reader names the variable in its error, so a wrong setting stops the proce
 with a message that says which one (as healthchecks does: `True`/`False` only, nothing clever).
 """
 
+import dataclasses
 import os
 from urllib.parse import unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
+
+from core.rules import parse_mqtt_url
 
 
 def env_str(name: str, default: str | None = None) -> str:
@@ -99,24 +102,11 @@ def database_from_url(name: str, url: str, base_dir) -> dict:
 
 
 def mqtt_from_url(name: str, url: str) -> dict:
-    """mqtt://user:pass@host:port or mqtts://… (TLS) → connection parameters."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts"):
-        raise ImproperlyConfigured(f"{name} must start with mqtt:// or mqtts://, got {url!r}")
+    """mqtt://user:pass@host:port or mqtts://… (TLS) → connection parameters (core.rules)."""
     try:
-        port = parts.port
-    except ValueError:
-        raise ImproperlyConfigured(f"{name} has an invalid port: {url!r}") from None
-    tls = parts.scheme == "mqtts"
-    if not parts.hostname:
-        raise ImproperlyConfigured(f"{name} names no host: {url!r}")
-    return {
-        "host": parts.hostname,
-        "port": port or (8883 if tls else 1883),
-        "username": unquote(parts.username) if parts.username else None,
-        "password": unquote(parts.password) if parts.password else None,
-        "tls": tls,
-    }
+        return dataclasses.asdict(parse_mqtt_url(url))
+    except ValueError as error:
+        raise ImproperlyConfigured(f"{name}: {error}") from None
 
 
 def redis_url_checked(name: str, url: str) -> str:

@@ -5,7 +5,7 @@
 `code` is machine-readable and stable; `message` is for people; `field` names the request field
 at fault (camelCase, as the client sent it), or null; `details` carries per-field messages for
 validation errors (`{"field": ["message", …]}`) and `retryAfter` (seconds) for throttling.
-Service errors (meters.errors.DomainError) keep their code and their HTTP status.
+Service errors (core.errors.DomainError) keep their code and their HTTP status.
 """
 
 import re
@@ -16,7 +16,7 @@ from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from meters.errors import DomainError
+from core.errors import DomainError
 
 
 def camelize(name: str) -> str:

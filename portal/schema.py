@@ -4,7 +4,7 @@ error format (portal.exceptions), so that clients and the schemathesis run can r
 from drf_spectacular.openapi import AutoSchema
 from rest_framework.permissions import AllowAny
 
-from meters.serializers import ErrorSerializer
+from core.api import ErrorSerializer
 
 ERROR_DESCRIPTIONS = {
     "400": "Invalid input (error.field names the field)",

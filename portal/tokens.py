@@ -8,7 +8,7 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from meters.errors import InvalidInput, NotFound
+from core.errors import InvalidInput, NotFound
 from portal.models import ApiToken
 
 # Writing last_used_at on every request would turn every read into a write; once a minute is

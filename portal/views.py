@@ -10,7 +10,7 @@ from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
-from meters.errors import DomainError, NotFound
+from core.errors import DomainError, NotFound
 from meters.selectors import meter_balance_kes, meter_get_for_user, meters_for_user, recent_readings
 from payments.selectors import payments_for_user
 from payments.services import stk_push_start

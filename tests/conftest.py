@@ -11,10 +11,10 @@ import pytest
 from django.core.cache import cache
 from django.db import connection
 
+from devtools.services import FakeServerProcess, PrivateMosquitto, module_server, require_services, url_reachable
 from meters import services
 from meters.models import Tariff
 from payments import daraja
-from tests.support.services import FakeServerProcess, PrivateMosquitto, module_server, require_services, url_reachable
 
 PASSWORD = "correct-horse-battery-42"
 
@@ -107,7 +107,7 @@ def bob_meter(bob, tariff):
     return services.meter_provision(meter_no="METER-B1", owner=bob, tariff=tariff)
 
 
-# The project's fake Daraja server (payments.fake_daraja) as a real subprocess.
+# The project's fake Daraja server (devtools.fake_daraja) as a real subprocess.
 
 
 class FakeDarajaProcess(FakeServerProcess):
@@ -117,7 +117,7 @@ class FakeDarajaProcess(FakeServerProcess):
 
 @pytest.fixture(scope="session")
 def fake_daraja_server():
-    with module_server("payments.fake_daraja", "--delay", "0", "--outcome", "hold", name="fake-daraja") as (port, process):
+    with module_server("devtools.fake_daraja", "--delay", "0", "--outcome", "hold", name="fake-daraja") as (port, process):
         yield FakeDarajaProcess(port, process)
 
 

@@ -14,10 +14,10 @@ from decimal import Decimal
 
 import pytest
 
+from devtools.services import ROOT, PrivateRedis, free_port, subprocess_database_url, wait_for_port
 from meters import services
 from meters.models import Meter
 from tests.conftest import PASSWORD, _missing
-from tests.support.services import ROOT, PrivateRedis, free_port, subprocess_database_url, wait_for_port
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.services]
 

@@ -8,18 +8,20 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection, connections
 
+from core.errors import Conflict, InvalidInput, NotFound
 from meters import services
-from meters.errors import Conflict, InvalidInput, NotFound
+from meters.consumption import ledger_debit
 from meters.models import LedgerEntry, LedgerKind, Meter, MeterCommand
 from meters.selectors import ledger_statement, meter_balance_get
+from tests.factories import consumption_report
 
 pytestmark = pytest.mark.django_db
 
 
 def test_credit_then_debit_is_exact(alice_meter):
     services.ledger_credit(meter_no="METER-A1", units_kwh="10.5", amount_kes="262.50", idempotency_key="c1", actor="mpesa")
-    services.ledger_debit(meter_no="METER-A1", units_kwh=Decimal("0.0048"), idempotency_key="d1")
-    services.ledger_debit(meter_no="METER-A1", units_kwh="0.000001", idempotency_key="d2")
+    ledger_debit(report=consumption_report("METER-A1", "0.0048", seq=1))
+    ledger_debit(report=consumption_report("METER-A1", "0.000001", seq=2))
     assert meter_balance_get(meter_no="METER-A1") == Decimal("10.495199")
     kinds = list(LedgerEntry.objects.order_by("id").values_list("kind", "units_kwh"))
     assert kinds == [
@@ -50,9 +52,8 @@ def test_reused_key_for_a_different_posting_is_a_conflict(alice_meter):
     ["-1", "0", "NaN", "Infinity", "-Infinity", "abc", "", "1.0000001", 1.5, True, None, "1e9"],
 )
 def test_bad_amounts_are_refused_and_nothing_is_written(alice_meter, units):
-    for call in (services.ledger_credit, services.ledger_debit):
-        with pytest.raises(InvalidInput):
-            call(meter_no="METER-A1", units_kwh=units, idempotency_key=f"bad:{units!r}", actor="x")
+    with pytest.raises(InvalidInput):
+        services.ledger_credit(meter_no="METER-A1", units_kwh=units, idempotency_key=f"bad:{units!r}", actor="x")
     assert LedgerEntry.objects.count() == 0
     assert meter_balance_get(meter_no="METER-A1") == Decimal("0")
 
@@ -69,7 +70,7 @@ def test_bad_meter_numbers_are_refused(tariff, meter_no):
 
 def test_unknown_meter_is_not_found(db):
     with pytest.raises(NotFound):
-        services.ledger_debit(meter_no="NOPE001", units_kwh="1", idempotency_key="k")
+        ledger_debit(report=consumption_report("NOPE001", "1", seq=1))
     assert not LedgerEntry.objects.exists()
 
 
@@ -112,7 +113,7 @@ def test_database_refuses_updates_of_ledger_rows_on_postgres(postgres, alice_met
 
 def test_statement_has_running_balance(alice_meter):
     services.ledger_credit(meter_no="METER-A1", units_kwh="3", idempotency_key="a", actor="mpesa")
-    services.ledger_debit(meter_no="METER-A1", units_kwh="0.5", idempotency_key="b")
+    ledger_debit(report=consumption_report("METER-A1", "0.5", seq=1))
     services.ledger_credit(meter_no="METER-A1", units_kwh="1.25", idempotency_key="c", actor="mpesa")
     rows = [(e.units_kwh, e.balance_after_kwh) for e in ledger_statement(meter=alice_meter)]
     assert rows == [(Decimal("1.25"), Decimal("3.75")), (Decimal("-0.5"), Decimal("2.5")), (Decimal("3"), Decimal("3"))]
@@ -144,7 +145,7 @@ def test_concurrent_credits_and_debits_lose_nothing(postgres, alice_meter, bob_m
                 if i % 2 == 0:
                     services.ledger_credit(meter_no="METER-A1", units_kwh="0.333333", idempotency_key=key, actor="test")
                 else:
-                    services.ledger_debit(meter_no="METER-A1", units_kwh="0.111111", idempotency_key=key)
+                    ledger_debit(report=consumption_report("METER-A1", "0.111111", seq=worker * per_thread + i))
                 if i % 50 == 0:
                     # The same key from every thread at once: exactly one of them posts.
                     services.ledger_credit(meter_no="METER-B1", units_kwh="1", idempotency_key=f"shared:{i}", actor="test")

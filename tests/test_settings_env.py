@@ -7,8 +7,8 @@ import sys
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
+from devtools.services import ROOT
 from portal.env import database_from_url, env_bool, mqtt_from_url
-from tests.support.services import ROOT
 
 
 def _start_django(**env) -> subprocess.CompletedProcess:

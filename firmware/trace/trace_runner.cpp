@@ -1,5 +1,5 @@
 // Runs a meter trace (firmware/trace/README.md) through the portable core with in-memory
-// hardware and prints every effect as one JSON line. `python -m mqtt_worker.sim.trace_runner`
+// hardware and prints every effect as one JSON line. `python -m devtools.sim.trace_runner`
 // does the same with the Python port; tests/simulator/test_contract.py compares the two.
 #include <cjson/cJSON.h>
 

@@ -6,7 +6,9 @@ from decimal import Decimal
 import pytest
 
 from meters import services
+from meters.consumption import ledger_debit
 from meters.models import CommandKind, LedgerEntry, Meter, MeterCommand, Reading
+from tests.factories import consumption_report
 
 
 def _reading(meter, at, units, *, duplicate=False, key=None):
@@ -88,7 +90,7 @@ def test_bad_readings_queries_get_a_clear_400(alice_api, alice_meter, query, fie
 def test_statement_is_paginated_with_the_running_balance_of_the_whole_ledger(alice_api, alice_meter):
     for n, units in enumerate(["10", "-2.5", "3", "-0.000001"]):
         if units.startswith("-"):
-            services.ledger_debit(meter_no="METER-A1", units_kwh=units[1:], idempotency_key=f"d{n}")
+            ledger_debit(report=consumption_report("METER-A1", units[1:], seq=n))
         else:
             services.ledger_credit(meter_no="METER-A1", units_kwh=units, idempotency_key=f"c{n}", actor="mpesa")
     first = alice_api.get("/api/v1/meters/METER-A1/statement/", {"limit": 2}).json()

@@ -1,4 +1,4 @@
-"""The fake Realtime Database (meters.fake_firebase) as a real subprocess, and firebase-admin
+"""The fake Realtime Database (devtools.fake_firebase) as a real subprocess, and firebase-admin
 pointed at it the way `make run` points it: FIREBASE_DATABASE_EMULATOR_HOST plus an https URL whose
 first label is the namespace."""
 
@@ -10,8 +10,8 @@ import httpx
 import pytest
 from firebase_admin import db
 
+from devtools.services import FakeServerProcess, module_server
 from meters import firebase
-from tests.support.services import FakeServerProcess, module_server
 
 NAMESPACE = "smartmeter-test"
 DATABASE_URL = f"https://{NAMESPACE}.firebaseio.com"
@@ -35,7 +35,7 @@ class FakeRtdbProcess(FakeServerProcess):
 
 @pytest.fixture(scope="session")
 def fake_rtdb_server():
-    with module_server("meters.fake_firebase", "--namespace", "other-default", name="fake-firebase") as (port, process):
+    with module_server("devtools.fake_firebase", "--namespace", "other-default", name="fake-firebase") as (port, process):
         yield FakeRtdbProcess(port, process)
 
 

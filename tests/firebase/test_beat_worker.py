@@ -9,9 +9,9 @@ import time
 
 import pytest
 
+from devtools.services import ROOT, PrivateRedis, subprocess_database_url
 from meters import services
 from tests.firebase.conftest import DATABASE_URL
-from tests.support.services import ROOT, PrivateRedis, subprocess_database_url
 
 BIN = os.path.dirname(sys.executable)
 

@@ -14,9 +14,9 @@ from random import Random
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from devtools.services import ROOT, subprocess_database_url
 from meters.models import Meter
 from mqtt_worker.codec import ConsumptionReport, encode_consumption_report, report_topic
-from tests.support.services import ROOT, subprocess_database_url
 
 
 @dataclass

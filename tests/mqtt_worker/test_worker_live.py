@@ -16,12 +16,12 @@ from django.db.models import Sum
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devtools.services import require_services
 from meters.models import LedgerEntry, Reading
 from meters.selectors import ledger_mismatches
 from mqtt_worker import codec
 from mqtt_worker.models import DeadLetter
 from tests.mqtt_worker.live import Fleet, Publisher, WorkerProcess, wait_until
-from tests.support.services import require_services
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.services, pytest.mark.slow]
 

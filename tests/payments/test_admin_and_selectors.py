@@ -5,7 +5,7 @@ from decimal import Decimal
 
 import pytest
 
-from meters.errors import NotFound
+from core.errors import NotFound
 from meters.models import CommandStatus, LedgerEntry, MeterCommand
 from payments import services
 from payments.models import Payment, PaymentAudit, PaymentStatus

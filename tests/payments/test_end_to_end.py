@@ -18,12 +18,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from devtools.services import ROOT, PrivateRedis, free_port, subprocess_database_url, wait_for_port
 from meters.models import CommandStatus, MeterCommand
 from payments import services
 from payments.models import Payment, PaymentStatus
 from payments.selectors import payment_delivered_to_meter
 from tests.payments.helpers import wait_until
-from tests.support.services import ROOT, PrivateRedis, free_port, subprocess_database_url, wait_for_port
 
 BIN = os.path.dirname(sys.executable)
 

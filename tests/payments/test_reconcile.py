@@ -9,7 +9,7 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from meters.errors import Conflict, InvalidInput, NotFound
+from core.errors import Conflict, InvalidInput, NotFound
 from meters.models import LedgerEntry, MeterCommand
 from meters.selectors import meter_balance_get
 from payments import daraja, services

@@ -5,7 +5,7 @@ from decimal import Decimal
 
 import pytest
 
-from meters.errors import Conflict, InvalidInput, NotFound
+from core.errors import Conflict, InvalidInput, NotFound
 from payments import services
 from payments.errors import MpesaRefused, MpesaUnavailable
 from payments.models import Payment, PaymentStatus

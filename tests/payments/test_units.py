@@ -5,7 +5,7 @@ from decimal import Decimal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from payments.services import units_for_amount
+from meters.services import units_for_amount
 
 amounts = st.integers(min_value=1, max_value=250_000_00).map(lambda cents: Decimal(cents) / 100)
 rates = st.integers(min_value=1, max_value=10**10 - 1).map(lambda r: Decimal(r) / 10_000)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.services import subprocess_database_url
+from devtools.services import subprocess_database_url
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -36,7 +36,7 @@ def _run(cmd):
 
 def _both(cpp_runner, trace: Path):
     cpp = _run([str(cpp_runner), str(trace)])
-    py = _run([sys.executable, "-m", "mqtt_worker.sim.trace_runner", str(trace)])
+    py = _run([sys.executable, "-m", "devtools.sim.trace_runner", str(trace)])
     return cpp, py
 
 

@@ -17,11 +17,11 @@ import pytest
 from django.core.management import call_command
 from django.db.models import Sum
 
+from devtools.sim.fleet import Broker, Fleet, FleetOptions
 from meters import services
 from meters.models import CommandStatus, LedgerEntry, LedgerKind, Meter, MeterCommand, Reading
 from meters.selectors import ledger_mismatches
 from mqtt_worker.models import DeadLetter
-from mqtt_worker.sim.fleet import Broker, Fleet, FleetOptions
 from tests.simulator.conftest import wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.services]

@@ -1,4 +1,4 @@
-"""The networked simulator (mqtt_worker/sim/fleet.py) and `manage.py simulate_meters`."""
+"""The networked simulator (devtools/sim/fleet.py) and `python -m devtools.simulate_meters`."""
 
 import json
 import re
@@ -10,9 +10,10 @@ import pytest
 from django.core.management import CommandError, call_command
 from paho.mqtt.enums import CallbackAPIVersion
 
+from devtools import simulate_meters
+from devtools.sim.fleet import GARBAGE_KINDS, Broker, Fleet, FleetOptions, Resume, garbage_payload
 from meters.models import LedgerEntry, LedgerKind, Meter, Reading
 from mqtt_worker import codec
-from mqtt_worker.sim.fleet import GARBAGE_KINDS, Broker, Fleet, FleetOptions, Resume, garbage_payload
 from tests.simulator.conftest import wait_until
 
 
@@ -70,7 +71,7 @@ def test_fleet_options_refuse_bad_input(change, message):
 @pytest.mark.django_db
 def test_command_refuses_bad_arguments_and_creates_nothing(args, message):
     with pytest.raises(CommandError, match=message):
-        call_command("simulate_meters", *args)
+        call_command(simulate_meters.Command(), *args)
     assert not Meter.objects.exists()
 
 
@@ -153,7 +154,7 @@ def test_command_provisions_then_resumes_where_the_ledger_left_off(worker, priva
     register and seq the backend accounted (no anomaly, no report mistaken for a duplicate)."""
     args = ["--meters", "CMD001,CMD002", "--interval", "2", "--speed", "4", "--mqtt-url", private_mosquitto.url,
             "--seed", "9", "--progress", "1"]
-    call_command("simulate_meters", *args, "--provision", "--credit", "5", "--duration", "4")
+    call_command(simulate_meters.Command(), *args, "--provision", "--credit", "5", "--duration", "4")
     out = capsys.readouterr().out
     assert "provisioned 2 meter(s)" in out and "meters connected" in out
     assert LedgerEntry.objects.filter(kind=LedgerKind.PAYMENT_CREDIT, units_kwh=Decimal("5")).count() == 2
@@ -162,7 +163,7 @@ def test_command_provisions_then_resumes_where_the_ledger_left_off(worker, priva
     wait_until(lambda: debited() == first, "the ledger to reach the first run's energy", process=worker)
     first_seqs = set(Reading.objects.values_list("seq", flat=True))
 
-    call_command("simulate_meters", *args, "--duration", "4")
+    call_command(simulate_meters.Command(), *args, "--duration", "4")
     out = capsys.readouterr().out
     assert "2 resuming from the ledger's register" in out
     second = measured(out)

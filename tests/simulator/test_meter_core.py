@@ -1,10 +1,10 @@
-"""Unit tests of the Python meter core (mqtt_worker/sim/meter_core.py)."""
+"""Unit tests of the Python meter core (devtools/sim/meter_core.py)."""
 
 import json
 
 import pytest
 
-from mqtt_worker.sim.meter_core import (
+from devtools.sim.meter_core import (
     KEY_SEQ,
     KEY_STATE,
     ManualClock,
@@ -258,7 +258,7 @@ def test_power_cut_trace_keeps_the_wire_register_monotonic():
     test_contract.py): two power cuts, one right after a report, one after offline reports."""
     from pathlib import Path
 
-    from mqtt_worker.sim.trace_runner import run_trace
+    from devtools.sim.trace_runner import run_trace
 
     trace = Path(__file__).resolve().parents[2] / "firmware" / "trace" / "power_cut_after_report.jsonl"
     out = []

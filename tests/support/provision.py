@@ -10,7 +10,7 @@ import atexit
 import os
 import shutil
 
-from tests.support.services import PrivateMosquitto, PrivatePostgres, PrivateRedis, url_reachable
+from devtools.services import PrivateMosquitto, PrivatePostgres, PrivateRedis, url_reachable
 
 _started = []
 

@@ -2,7 +2,7 @@
 
 from django.core.management.base import BaseCommand, CommandError
 
-from meters.errors import DomainError
+from core.errors import DomainError
 from payments import services
 
 

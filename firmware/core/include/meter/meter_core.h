@@ -1,6 +1,6 @@
 // The meter's state machine: billing on register deltas, local balance and reconciliation,
 // relay policy, reports with seq/energyTotal, offline buffering and replay, persistence (at
-// every report, so the register on the wire never steps backwards after a power cut). mqtt_worker/sim/meter_core.py is a line-by-line port; when a rule changes here it
+// every report, so the register on the wire never steps backwards after a power cut). devtools/sim/meter_core.py is a line-by-line port; when a rule changes here it
 // changes there too, and firmware/trace/ holds the traces that prove both still agree.
 #pragma once
 

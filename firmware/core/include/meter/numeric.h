@@ -1,4 +1,4 @@
-// Small arithmetic rules that the Python simulator (mqtt_worker/sim/meter_core.py) repeats
+// Small arithmetic rules that the Python simulator (devtools/sim/meter_core.py) repeats
 // word for word: the contract test compares both sides' payloads, so each rule exists once here
 // and once there, with the same operations in the same order.
 #pragma once

@@ -1,5 +1,5 @@
 // Encoding and decoding of the PROTOCOL.md payloads (shared/PROTOCOL.md), with cJSON.
-// Key order and rounding match mqtt_worker/sim/meter_core.py so that both produce the same JSON.
+// Key order and rounding match devtools/sim/meter_core.py so that both produce the same JSON.
 #pragma once
 
 #include <cstddef>

@@ -1,11 +1,11 @@
-"""`python manage.py simulate_meters`: a fleet of simulated meters speaking PROTOCOL.md over MQTT.
+"""`python -m devtools.simulate_meters`: a fleet of simulated meters speaking PROTOCOL.md over MQTT.
 
-    python manage.py simulate_meters --meters METER001,METER002,METER003 --interval 5
-    python manage.py simulate_meters --count 1000 --prefix SIM --connections 4 --interval 30 --speed 10 \\
+    python -m devtools.simulate_meters --meters METER001,METER002,METER003 --interval 5
+    python -m devtools.simulate_meters --count 1000 --prefix SIM --connections 4 --interval 30 --speed 10 \\
         --provision --credit 50 --drop-rate 0.02 --duplicate-rate 0.05 --garbage-rate 0.01 --duration 120
 
-Each meter runs the Python port of the firmware core (mqtt_worker/sim/meter_core.py); see
-mqtt_worker/sim/fleet.py for the design, the load model and the faults. Meters that the database
+Each meter runs the Python port of the firmware core (devtools/sim/meter_core.py); see
+devtools/sim/fleet.py for the design, the load model and the faults. Meters that the database
 already knows resume from the register and seq the backend last accounted (as if their flash had
 survived the simulator's restart), so `make run` can be restarted without the register on the
 wire going backwards. Unknown meters are simulated anyway (the worker dead-letters their reports)
@@ -22,10 +22,11 @@ from decimal import Decimal
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from core.errors import DomainError, NotFound
+from core.rules import METER_NO_HELP, valid_meter_no
+from devtools.sim.fleet import Broker, Fleet, FleetOptions, Resume
 from meters import selectors, services
-from meters.errors import DomainError, NotFound
 from meters.models import Tariff
-from mqtt_worker.sim.fleet import Broker, Fleet, FleetOptions, Resume, valid_meter_no
 
 # The next boot of a real meter resumes one reserved block above the last seq it stored.
 SEQ_BLOCK = 64
@@ -153,7 +154,7 @@ class Command(BaseCommand):
             raise CommandError("say which meters: --meters METER001,METER002 or --count N [--prefix SIM]")
         bad = [m for m in meter_nos if not valid_meter_no(m)]
         if bad:
-            raise CommandError(f"invalid meter number(s) {', '.join(bad[:5])}: must match ^[A-Za-z0-9_-]{{1,32}}$")
+            raise CommandError(f"invalid meter number(s) {', '.join(bad[:5])}: must be {METER_NO_HELP}")
         if len(set(meter_nos)) != len(meter_nos):
             raise CommandError("meter numbers must be unique")
         return meter_nos
@@ -200,3 +201,19 @@ class Command(BaseCommand):
                 next_seq=last_seq + 1 + SEQ_BLOCK,
             )
         return resume
+
+
+def main(argv: list[str] | None = None) -> None:
+    """A development command, not one of the apps' management commands: the apps never import
+    the simulator. It sets Django up itself, with the same settings as `manage.py`."""
+    import sys
+
+    import django
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+    django.setup()
+    Command().run_from_argv(["simulate_meters", "simulate_meters", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""A fake Safaricom Daraja server for development and tests: `python -m payments.fake_daraja --port 8099`.
+"""A fake Safaricom Daraja server for development and tests: `python -m devtools.fake_daraja --port 8099`.
 
 It speaks the wire formats of ../shared/reference/daraja.md exactly (HTTP statuses, `errorCode`
 shapes, numbers versus strings) and calls back the URLs it is given, so the whole payment flow

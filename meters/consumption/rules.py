@@ -26,9 +26,10 @@ Without `energyTotal` (a seed-only meter) the report debits `unitsConsumed` unle
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 
-from mqtt_worker.codec import ConsumptionReport
+from meters.reports import ConsumptionReport
 
 ZERO = Decimal("0.000000")
 # How far a register may read below the accounted range before it is an anomaly rather than
@@ -45,6 +46,8 @@ class MeterState:
     energy_floor_kwh: Decimal | None
     energy_seq: int | None
     anomaly: str = ""
+    # When the meter was last sent a `resync` balance command (rate-limits drift commands).
+    last_resync_at: datetime | None = None
     # Identities already stored as first copies (from the database and from this batch).
     seen_keys: set[str] = field(default_factory=set)
 

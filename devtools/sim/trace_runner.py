@@ -1,7 +1,7 @@
 """Runs a meter trace (firmware/trace/README.md) through the Python meter core and prints every
 effect as one JSON line, exactly like the firmware's host `trace_runner`.
 
-    python -m mqtt_worker.sim.trace_runner firmware/trace/seed_and_reconcile.jsonl
+    python -m devtools.sim.trace_runner firmware/trace/seed_and_reconcile.jsonl
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from mqtt_worker.sim.meter_core import (
+from devtools.sim.meter_core import (
     ManualClock,
     MemoryKvStore,
     MeterConfig,
@@ -148,7 +148,7 @@ def run_trace(lines, out: Callable[[str], None]) -> None:
 def main(argv: list[str] | None = None, stdout: TextIO = sys.stdout) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m mqtt_worker.sim.trace_runner TRACE.jsonl", file=sys.stderr)
+        print("usage: python -m devtools.sim.trace_runner TRACE.jsonl", file=sys.stderr)
         return 2
     with open(args[0], encoding="utf-8") as f:
         run_trace(f, lambda s: stdout.write(s + "\n"))

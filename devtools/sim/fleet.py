@@ -1,4 +1,4 @@
-"""The networked meter simulator: many MeterCores (mqtt_worker/sim/meter_core.py, the port of the
+"""The networked meter simulator: many MeterCores (devtools/sim/meter_core.py, the port of the
 firmware) over a few paho-mqtt connections, with a household load model and switchable faults.
 
 No Django here (the benchmarks can use it alone); `manage.py simulate_meters` wraps it.
@@ -42,14 +42,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqtt_worker.sim.meter_core import (
+from core.rules import KWH_QUANTUM, METER_NO_HELP, parse_mqtt_url, valid_meter_no
+from devtools.sim.meter_core import (
     KEY_SEQ,
     KEY_STATE,
     ManualClock,
@@ -60,15 +60,9 @@ from mqtt_worker.sim.meter_core import (
     round6,
 )
 
-METER_NO_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
-KWH = Decimal("0.000001")
 # A simulated meter's session lives this long on the broker after a drop, so that commands
 # published while it is away are delivered when it returns (the firmware's persistent session).
 SESSION_EXPIRY_S = 300
-
-
-def valid_meter_no(meter_no: str) -> bool:
-    return 1 <= len(meter_no) <= 32 and set(meter_no) <= METER_NO_CHARS
 
 
 @dataclass(frozen=True)
@@ -83,24 +77,8 @@ class Broker:
     @classmethod
     def from_url(cls, url: str, ca_file: str | None = None) -> Broker:
         """mqtt://user:pass@host:port or mqtts://… (TLS); the same form as MQTT_URL."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts"):
-            raise ValueError(f"the MQTT URL must start with mqtt:// or mqtts://, got {url!r}")
-        try:
-            port = parts.port
-        except ValueError:
-            raise ValueError(f"the MQTT URL has an invalid port: {url!r}") from None
-        if not parts.hostname:
-            raise ValueError(f"the MQTT URL names no host: {url!r}")
-        tls = parts.scheme == "mqtts"
-        return cls(
-            host=parts.hostname,
-            port=port or (8883 if tls else 1883),
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-            tls=tls,
-            ca_file=ca_file,
-        )
+        parsed = parse_mqtt_url(url)
+        return cls(parsed.host, parsed.port, parsed.username, parsed.password, parsed.tls, ca_file)
 
 
 @dataclass(frozen=True)
@@ -136,7 +114,7 @@ class FleetOptions:
             raise ValueError("no meters to simulate")
         bad = [m for m in self.meter_nos if not valid_meter_no(m)]
         if bad:
-            raise ValueError(f"invalid meter numbers (^[A-Za-z0-9_-]{{1,32}}$): {', '.join(bad[:5])}")
+            raise ValueError(f"invalid meter numbers ({METER_NO_HELP}): {', '.join(bad[:5])}")
         if len(set(self.meter_nos)) != len(self.meter_nos):
             raise ValueError("meter numbers must be unique")
         if not (self.interval_s > 0 and math.isfinite(self.interval_s)):
@@ -244,7 +222,7 @@ class SimMeter:
 
 def _wire_decimal(x: float) -> Decimal:
     # The payload carries round6(x) printed as the shortest repr; the backend parses that text.
-    return Decimal(repr(round6(x))).quantize(KWH)
+    return Decimal(repr(round6(x))).quantize(KWH_QUANTUM)
 
 
 def step_ms_for(interval_ms: int) -> int:

@@ -1,4 +1,4 @@
-"""A fake Firebase Realtime Database for development and tests: `python -m meters.fake_firebase --port 9000`.
+"""A fake Firebase Realtime Database for development and tests: `python -m devtools.fake_firebase --port 9000`.
 
 It speaks the REST protocol that the firebase-admin SDK uses against the Realtime Database emulator
 (`FIREBASE_DATABASE_EMULATOR_HOST=127.0.0.1:9000`): GET/PUT/PATCH/POST/DELETE on `/<path>.json`,
