@@ -2,7 +2,8 @@
 
 Units: energy is kWh with 6 decimal places (`*_kwh`), money is KES with 2 (`*_kes`). The
 ledger is append-only; `Meter.balance_kwh` is a cache of the sum of the meter's entries and is
-changed only by `meters.services` in the same transaction as the entries, under a row lock.
+changed only by `meters.services` and `meters.consumption`, in the same transaction as the
+entries, under a row lock.
 """
 
 from decimal import Decimal
@@ -89,7 +90,7 @@ class Meter(models.Model):
     # The lowest register reading from which consumption has been debited (the start of the first
     # accounted interval). With last_energy_total_kwh it bounds the accounted range, so a report
     # that arrives late from before that range is charged once and one inside it never
-    # (mqtt_worker.accounting).
+    # (meters.consumption.rules).
     energy_floor_kwh = kwh_field(null=True, blank=True)
     # The `seq` of the report that set last_energy_total_kwh: tells an old replay from a reset.
     last_energy_seq = models.BigIntegerField(null=True, blank=True)

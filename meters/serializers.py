@@ -1,7 +1,7 @@
 """Input and output shapes of the meters API. camelCase names as the mobile app's contract says;
 Decimal values as strings (kWh with 6 places, KES with 2), times ISO 8601 UTC.
 
-Serializers only shape and type-check; the rules live in meters.services.
+Serializers only shape and type-check; the rules live in the services (meters.services).
 """
 
 from django.contrib.auth.validators import UnicodeUsernameValidator

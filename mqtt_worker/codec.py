@@ -2,7 +2,7 @@
 
 No Django here: the simulator and the benchmarks use this module alone.
 
-Numbers are exact. orjson (≈5× faster than `json`, which matters at 10,000 reports/s) hands
+Numbers are exact. orjson (much faster than `json`, which matters on the ingest hot path) hands
 non-integers over as binary doubles; `Decimal(repr(x))` turns such a double back into the
 shortest decimal text that parses to it, which for any JSON number of up to 15 significant
 digits (DBL_DIG) is numerically the number the meter wrote. Values are then quantized to the

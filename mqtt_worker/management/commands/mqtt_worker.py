@@ -3,8 +3,9 @@
 From the command line the command replaces its process (exec, same pid, so process managers
 and signals are unaffected) with one that sets Django up with only the apps the worker uses
 (WORKER_APPS). `manage.py` loads every installed app first: Daphne with Twisted, the admin,
-DRF, drf-spectacular, payments with httpx… 86 MB before the first report, against the 100 MB
-the worker has in all. `--all-apps` keeps the full set (e.g. to debug an import problem).
+DRF, drf-spectacular, payments with httpx…, most of the worker's memory budget before the first
+report (README.md has the figures). `--all-apps` keeps the full set (e.g. to debug an import
+problem).
 """
 
 import logging
