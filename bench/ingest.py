@@ -90,7 +90,7 @@ def _reports(meter_nos: list[str], rounds: range, *, ext: bool = True):
     messages, total = [], Decimal(0)
     for k in rounds:
         for index, meter_no in enumerate(meter_nos):
-            units = Decimal(rng.randint(1, 9999)) / 10000
+            units = Decimal(rng.randint(1, 9999)) / 100000  # up to 12 kW over 30 s: within the physical bound
             energy, consumed = _registers.get(meter_no, (Decimal(1000), Decimal(0)))
             energy, consumed = energy + units, consumed + units
             _registers[meter_no] = (energy, consumed)

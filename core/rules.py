@@ -32,6 +32,9 @@ MPESA_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 # Kenyan mobile numbers as M-Pesa wants them.
 PHONE_REGEX = r"^254(7|1)\d{8}$"
 
+# PROTOCOL.md `regId`: a meter's register history, 1-16 of A-Z a-z 0-9 _ -.
+REG_ID = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
+
 
 def valid_meter_no(value: object) -> bool:
     return isinstance(value, str) and METER_NO.fullmatch(value) is not None

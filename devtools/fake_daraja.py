@@ -16,6 +16,16 @@ the control endpoint, else from the defaults (CLI flags, also changeable at run 
   processing    no callback, and the query answers "being processed" for ever
   hold          success, delivered only when a test asks (POST /__fake__/deliver)
 
+A plan may also say how the push request's own answer fares (`answer`) and whether the same money
+also arrives as a C2B confirmation (`c2b`), as daraja.md describes:
+  answer: "ok" (default) | "drop" (the connection closes without an answer) | "slow" (the answer
+          comes after `answer_delay` seconds, default 30: past the client's timeout) | "503" (the
+          gateway's HTML error page). In every case the push WAS accepted: the customer is asked
+          and the callback follows as the outcome says.
+  c2b:    "before" | "after" the STK callback: a C2B confirmation with TransID = the receipt and
+          BillRefNumber = the AccountReference goes to the registered confirmation URL too; or
+          "held" (only when a test asks: POST /__fake__/deliver-c2b).
+
 Until the delay has passed the STK query answers "The transaction is being processed" (HTTP 500,
 500.001.1001), as Daraja does. Control endpoints (JSON, no auth; never expose this server):
   GET  /__fake__/state                 counters, registered C2B URLs, every callback delivered
@@ -25,6 +35,7 @@ Until the delay has passed the STK query answers "The transaction is being proce
                                         "status": 503, "body": "...", "count": 1} canned failures
   POST /__fake__/invalidate-token      the current token stops working (404.001.03 on next use)
   POST /__fake__/deliver               {"CheckoutRequestID": ...} deliver a held callback now
+  POST /__fake__/deliver-c2b           {"CheckoutRequestID": ...} deliver the C2B confirmation of its money now
   POST /__fake__/reset                 forget everything
 """
 
@@ -62,6 +73,7 @@ OUTCOMES = {
     "processing": (None, "", 0),
     "hold": (0, "The service request is processed successfully.", 1),
 }
+ANSWERS = ("ok", "drop", "slow", "503")
 BEING_PROCESSED = {"errorCode": "500.001.1001", "errorMessage": "The transaction is being processed"}
 
 
@@ -188,6 +200,9 @@ class FakeDaraja:
                 "merchant": merchant_id, "checkout": checkout_id, "outcome": outcome, "result_code": code,
                 "result_desc": desc, "amount": amount, "phone": str(body["PhoneNumber"]), "callback_url": callback_url,
                 "ready_at": time.monotonic() + delay, "receipt": _receipt() if code == 0 else None, "delivered": 0,
+                "account_reference": reference, "shortcode": str(body.get("BusinessShortCode", "")),
+                "answer": plan.get("answer", "ok"), "answer_delay": _seconds(plan.get("answer_delay", 30)),
+                "c2b": plan.get("c2b"),
             }
             self.transactions[checkout_id] = transaction
         if outcome != "hold":
@@ -218,13 +233,39 @@ class FakeDaraja:
         # Daraja writes the amount as a JSON number with two decimals (1.00), never a string.
         return json.dumps({"Body": {"stkCallback": callback}}).replace('"__AMOUNT__"', f"{transaction['amount']}.00")
 
+    def c2b_confirmation_body(self, transaction: dict) -> str:
+        """The C2B confirmation of an STK push's money (same receipt, the push's account)."""
+        return json.dumps({
+            "TransactionType": "Pay Bill", "TransID": transaction["receipt"], "TransTime": eat_timestamp(),
+            "TransAmount": f"{transaction['amount']}.00", "BusinessShortCode": transaction["shortcode"],
+            "BillRefNumber": transaction["account_reference"], "InvoiceNumber": "", "OrgAccountBalance": "25.00",
+            "ThirdPartyTransID": "", "MSISDN": f"{transaction['phone'][:4]} ***** {transaction['phone'][-3:]}",
+            "FirstName": "NICHOLAS", "MiddleName": "", "LastName": "",
+        })
+
+    def deliver_c2b_of(self, checkout_id: str) -> tuple[int, dict]:
+        with self.lock:
+            transaction = self.transactions.get(checkout_id)
+            urls = self.c2b_urls.get(transaction["shortcode"]) if transaction else None
+        if transaction is None or transaction["receipt"] is None:
+            return 404, {"error": f"no money was paid for CheckoutRequestID {checkout_id}"}
+        if urls is None:
+            return 409, {"error": f"no C2B URLs registered for shortcode {transaction['shortcode']}"}
+        self._post("c2b_confirmation", urls["confirmation"], self.c2b_confirmation_body(transaction), transaction["receipt"])
+        return 200, {"receipt": transaction["receipt"]}
+
     def _deliver_stk(self, transaction: dict) -> None:
         _, _, times = OUTCOMES[transaction["outcome"]]
         body = self.stk_callback_body(transaction)
+        paid = transaction["receipt"] is not None and times
+        if paid and transaction["c2b"] == "before":
+            self.deliver_c2b_of(transaction["checkout"])
         for _ in range(times):
             self._post("stk", transaction["callback_url"], body, transaction["checkout"])
         with self.lock:
             transaction["delivered"] += times
+        if paid and transaction["c2b"] == "after":
+            self.deliver_c2b_of(transaction["checkout"])
 
     def deliver_now(self, checkout_id: str) -> tuple[int, dict]:
         with self.lock:
@@ -378,6 +419,8 @@ class FakeDaraja:
                     return 400, {"error": str(error)}
             if body.get("outcome", "success") not in OUTCOMES:
                 return 400, {"error": f"unknown outcome {body.get('outcome')!r}; one of {sorted(OUTCOMES)}"}
+            if body.get("answer", "ok") not in ANSWERS or body.get("c2b") not in (None, "before", "after", "held"):
+                return 400, {"error": f"bad plan {body}: answer one of {ANSWERS}, c2b before/after/held"}
             with self.lock:
                 self.script.append(body)
             return 200, {"queued": len(self.script)}
@@ -392,6 +435,8 @@ class FakeDaraja:
             return 200, {}
         if action == "deliver":
             return self.deliver_now(str(body.get("CheckoutRequestID", "")))
+        if action == "deliver-c2b":
+            return self.deliver_c2b_of(str(body.get("CheckoutRequestID", "")))
         if action == "reset":
             self.reset()
             return 200, {}
@@ -472,7 +517,18 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(404, FakeDaraja._error("404.001.03", "Invalid Access Token"))
         if body is None:
             return self._send(400, FakeDaraja._error("400.002.01", "Invalid JSON payload"))
-        return self._send(*getattr(self.fake, method)(body))
+        status, payload = getattr(self.fake, method)(body)
+        answer = self.fake.transactions.get(payload.get("CheckoutRequestID", ""), {}).get("answer", "ok") \
+            if endpoint == "stkpush" else "ok"
+        if answer == "drop":
+            # Accepted, but the answer never reaches the caller: the connection just closes.
+            self.close_connection = True
+            return None
+        if answer == "slow":
+            time.sleep(self.fake.transactions[payload["CheckoutRequestID"]]["answer_delay"])
+        if answer == "503":
+            return self._send_failure({"status": 503, "body": None})
+        return self._send(status, payload)
 
 
 def serve(fake: FakeDaraja, host: str, port: int) -> ThreadingHTTPServer:

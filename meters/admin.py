@@ -15,7 +15,18 @@ from django.shortcuts import render
 from core.admin import ReadOnlyAdmin
 from core.errors import DomainError
 from meters import services
-from meters.models import Customer, FirebaseMirror, LedgerEntry, Meter, MeterCommand, Reading, StatusEvent, Tariff
+from meters.consumption import registers
+from meters.models import (
+    Customer,
+    FirebaseMirror,
+    LedgerEntry,
+    Meter,
+    MeterCommand,
+    Reading,
+    RegisterHistory,
+    StatusEvent,
+    Tariff,
+)
 from meters.phone import normalize_phone
 
 
@@ -124,6 +135,32 @@ class TariffAdmin(admin.ModelAdmin):
         obj.pk = saved.pk
 
 
+class NoteForm(forms.Form):
+    note = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), help_text="Why (kept in the audit trail)")
+
+
+class ArrearsFilter(admin.SimpleListFilter):
+    title = "arrears"
+    parameter_name = "arrears"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "In arrears (balance below zero)")]
+
+    def queryset(self, request, queryset):
+        return queryset.filter(balance_kwh__lt=0) if self.value() == "yes" else queryset
+
+
+class HeldFilter(admin.SimpleListFilter):
+    title = "held energy"
+    parameter_name = "held"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Energy held for review")]
+
+    def queryset(self, request, queryset):
+        return queryset.filter(energy_held_kwh__gt=0) if self.value() == "yes" else queryset
+
+
 class AdjustmentForm(forms.Form):
     units_kwh = forms.DecimalField(
         max_digits=18, decimal_places=6, help_text="Signed kWh: positive adds, negative removes"
@@ -154,16 +191,20 @@ class RecentReadingInline(admin.TabularInline):
 
 @admin.register(Meter)
 class MeterAdmin(admin.ModelAdmin):
-    list_display = ["meter_no", "owner", "balance_kwh", "online", "relay_state", "relay_override", "last_seen_at", "anomaly"]
-    list_filter = ["online", "relay_state", "relay_override", "tariff"]
+    list_display = [
+        "meter_no", "owner", "balance_kwh", "online", "relay_state", "relay_override", "last_seen_at", "reg_id",
+        "energy_held_kwh", "anomaly",
+    ]
+    list_filter = [ArrearsFilter, HeldFilter, "online", "relay_state", "relay_override", "tariff"]
     search_fields = ["meter_no", "owner__name", "owner__phone"]
     raw_id_fields = ["owner"]
     readonly_fields = [
-        "balance_kwh", "last_energy_total_kwh", "last_reported_balance_kwh", "last_seen_at",
-        "online", "relay_state", "relay_override", "last_resync_at", "created_at",
+        "balance_kwh", "reg_id", "last_energy_total_kwh", "energy_floor_kwh", "last_energy_seq", "energy_suspect_kwh",
+        "energy_held_kwh", "last_reported_balance_kwh", "last_seen_at", "online", "relay_state", "relay_override",
+        "last_resync_at", "anomaly", "created_at",
     ]
     inlines = [RecentReadingInline]
-    actions = ["adjust_balance", "push_balance"]
+    actions = ["adjust_balance", "push_balance", "release_held_energy", "dismiss_held_energy"]
 
     def get_readonly_fields(self, request, obj=None):
         # The meter number is the device's identity: set once at provisioning.
@@ -200,6 +241,36 @@ class MeterAdmin(admin.ModelAdmin):
             "opts": self.model._meta,
         }
         return render(request, "admin/meters/adjust_balance.html", context)
+
+    def _decide(self, request, queryset, *, title: str, service, done: str):
+        """A staff decision per meter, through its service, with a note (kept in the audit)."""
+        if "apply" in request.POST:
+            form = NoteForm(request.POST)
+            if form.is_valid():
+                for meter in queryset:
+                    try:
+                        service(meter_no=meter.meter_no, actor=request.user, note=form.cleaned_data["note"])
+                    except DomainError as error:
+                        self.message_user(request, f"{meter.meter_no}: {error.message}", messages.ERROR)
+                        continue
+                    self.message_user(request, f"{meter.meter_no}: {done}", messages.SUCCESS)
+                return None
+        else:
+            form = NoteForm()
+        return render(request, "admin/meters/note_action.html", {
+            **self.admin_site.each_context(request), "title": title, "objects": queryset, "form": form,
+            "action": request.POST.get("action"), "opts": self.model._meta,
+        })
+
+    @admin.action(description="Held energy: it was drawn, debit it")
+    def release_held_energy(self, request, queryset):
+        return self._decide(request, queryset, title="Release held energy (debit it)", service=registers.energy_held_release,
+                            done="held energy debited")
+
+    @admin.action(description="Held energy: it was not real, forget it")
+    def dismiss_held_energy(self, request, queryset):
+        return self._decide(request, queryset, title="Dismiss held energy (not debited)",
+                            service=registers.energy_held_dismiss, done="held energy dismissed")
 
     @admin.action(description="Send the current balance to the meter")
     def push_balance(self, request, queryset):
@@ -284,3 +355,49 @@ class FirebaseMirrorAdmin(ReadOnlyAdmin):
     @admin.display(boolean=True, description="pending")
     def is_pending(self, obj):
         return obj.version > obj.synced_version
+
+
+@admin.register(RegisterHistory)
+class RegisterHistoryAdmin(ReadOnlyAdmin):
+    """Register histories (PROTOCOL.md regId): resets are shown here; provisional ones (meters
+    without regId) await staff: confirm the reset, or merge the history back."""
+
+    list_display = ["meter", "reg_id", "kind", "current", "review", "floor_kwh", "high_kwh", "held_kwh", "opened_at",
+                    "closed_at", "reason"]
+    list_filter = ["review", "kind", "current"]
+    search_fields = ["meter__meter_no", "reg_id", "reason"]
+    list_select_related = ["meter"]
+    actions = ["confirm_reset", "merge_back"]
+
+    def has_decide_permission(self, request):
+        return request.user.is_staff and request.user.has_perm("meters.change_meter")
+
+    def _decide(self, request, queryset, *, title, service, done):
+        if "apply" in request.POST:
+            form = NoteForm(request.POST)
+            if form.is_valid():
+                for history in queryset.select_related("meter"):
+                    try:
+                        service(meter_no=history.meter.meter_no, reg_id=history.reg_id, actor=request.user,
+                                note=form.cleaned_data["note"])
+                    except DomainError as error:
+                        self.message_user(request, f"{history}: {error.message}", messages.ERROR)
+                        continue
+                    self.message_user(request, f"{history.meter.meter_no} {history.reg_id}: {done}", messages.SUCCESS)
+                return None
+        else:
+            form = NoteForm()
+        return render(request, "admin/meters/note_action.html", {
+            **self.admin_site.each_context(request), "title": title, "objects": queryset, "form": form,
+            "action": request.POST.get("action"), "opts": self.model._meta,
+        })
+
+    @admin.action(description="Provisional history: confirm it was a reset", permissions=["decide"])
+    def confirm_reset(self, request, queryset):
+        return self._decide(request, queryset, title="Confirm register resets", service=registers.register_history_confirm,
+                            done="confirmed")
+
+    @admin.action(description="Provisional history: merge it back (it was no reset)", permissions=["decide"])
+    def merge_back(self, request, queryset):
+        return self._decide(request, queryset, title="Merge provisional histories back",
+                            service=registers.register_history_merge, done="merged back")

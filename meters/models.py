@@ -92,8 +92,28 @@ class Meter(models.Model):
     # that arrives late from before that range is charged once and one inside it never
     # (meters.consumption.rules).
     energy_floor_kwh = kwh_field(null=True, blank=True)
-    # The `seq` of the report that set last_energy_total_kwh: tells an old replay from a reset.
+    # The `seq` of the report that set last_energy_total_kwh (never an implausible one).
     last_energy_seq = models.BigIntegerField(null=True, blank=True)
+    # The register history these fields account (PROTOCOL.md `regId`): the meter's regId, "" for
+    # a meter that sends none, "~N" for the N-th provisional history opened for such a meter
+    # when its register (or seq) went backwards. Closed histories are RegisterHistory rows.
+    reg_id = models.CharField(max_length=17, blank=True)
+    reg_generation = models.PositiveIntegerField(default=0, help_text="Provisional histories opened so far")
+    # The meter's time (trusted Unix ms only) of the reports that set the high and the floor:
+    # the physical bound on a debit is the rated power times the time between reports.
+    energy_high_at_ms = models.BigIntegerField(null=True, blank=True)
+    energy_floor_at_ms = models.BigIntegerField(null=True, blank=True)
+    # The highest register seen beyond that bound above the high: never the fence later reports
+    # are measured against; what lies between the high and it is held.
+    energy_suspect_kwh = kwh_field(null=True, blank=True)
+    energy_held_kwh = kwh_field(
+        default=Decimal("0"),
+        help_text="Energy the current history reported beyond the physical bound: neither debited nor forgiven; staff decide",
+    )
+    rated_max_kw = models.DecimalField(
+        max_digits=7, decimal_places=3, default=Decimal("18.400"),
+        help_text="The most the meter can deliver (default 80 A × 230 V); bounds each debit",
+    )
     last_reported_balance_kwh = kwh_field(null=True, blank=True)
     last_seen_at = models.DateTimeField(null=True, blank=True)
     online = models.BooleanField(default=False)
@@ -113,10 +133,63 @@ class Meter(models.Model):
             models.CheckConstraint(
                 condition=Q(meter_no__regex=METER_NO_REGEX), name="meter_no_valid"
             ),
+            models.CheckConstraint(condition=Q(rated_max_kw__gt=0), name="meter_rated_power_positive"),
+            models.CheckConstraint(condition=Q(energy_held_kwh__gte=0), name="meter_held_not_negative"),
         ]
 
     def __str__(self) -> str:
         return self.meter_no
+
+
+class HistoryKind(models.TextChoices):
+    REPORTED = "reported", "Reported by the meter (regId)"
+    IMPLICIT = "implicit", "A meter that sends no regId"
+    PROVISIONAL = "provisional", "Provisional: a suspected reset"
+
+
+class HistoryReview(models.TextChoices):
+    NONE = "", "Nothing to review"
+    PENDING = "pending", "Awaiting staff review"
+    CONFIRMED = "confirmed", "Confirmed as a reset"
+    MERGED = "merged", "Merged back into the previous history"
+
+
+class RegisterHistory(models.Model):
+    """One register history of a meter (PROTOCOL.md `regId`): opened when a meter starts a
+    register from scratch (or, for a meter without regId, when a reset is suspected), closed at
+    its highest accounted register when the next one opens. The current history's live range is
+    on the Meter row; a closed history's range is kept here, so late reports of it are accounted
+    within it."""
+
+    meter = models.ForeignKey(Meter, on_delete=models.PROTECT, related_name="register_histories")
+    reg_id = models.CharField(max_length=17)
+    kind = models.CharField(max_length=12, choices=HistoryKind.choices)
+    current = models.BooleanField(default=True)
+    floor_kwh = kwh_field(null=True, blank=True)
+    high_kwh = kwh_field(null=True, blank=True)
+    high_seq = models.BigIntegerField(null=True, blank=True)
+    high_at_ms = models.BigIntegerField(null=True, blank=True)
+    floor_at_ms = models.BigIntegerField(null=True, blank=True)
+    suspect_kwh = kwh_field(null=True, blank=True)
+    held_kwh = kwh_field(default=Decimal("0"))
+    opened_at = models.DateTimeField(default=timezone.now)
+    closed_at = models.DateTimeField(null=True, blank=True)
+    reason = models.CharField(max_length=255, blank=True, help_text="Why it was opened")
+    review = models.CharField(max_length=12, choices=HistoryReview.choices, default=HistoryReview.NONE, blank=True)
+    reviewed_by = models.CharField(max_length=150, blank=True)
+    reviewed_at = models.DateTimeField(null=True, blank=True)
+    review_note = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        verbose_name_plural = "register histories"
+        constraints = [
+            models.UniqueConstraint(fields=["meter", "reg_id"], name="register_history_unique"),
+            models.UniqueConstraint(fields=["meter"], condition=Q(current=True), name="register_history_one_current"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.meter_id} {self.reg_id or '(no regId)'} ({'current' if self.current else 'closed'})"
 
 
 class LedgerKind(models.TextChoices):
@@ -187,10 +260,15 @@ class Reading(models.Model):
     total_consumed_kwh = kwh_field()
     seq = models.BigIntegerField(null=True, blank=True)
     energy_total_kwh = kwh_field(null=True, blank=True)
-    # The report's identity: "s:<seq>" when a seq is sent, else "t:<timestamp>:<totalConsumed>".
+    # The register history the report was accounted in (Meter.reg_id's forms).
+    reg_id = models.CharField(max_length=17, blank=True)
+    # The report's identity (meters.reports.ConsumptionReport.dedup_key), with "@N" for the N-th
+    # provisional history of a meter without regId.
     dedup_key = models.CharField(max_length=80)
     is_duplicate = models.BooleanField(default=False)
     debit_kwh = kwh_field(default=Decimal("0"))
+    # What this report measured beyond the physical bound: not debited, held for staff.
+    held_kwh = kwh_field(default=Decimal("0"))
     raw_payload = models.TextField()
 
     class Meta:
@@ -203,6 +281,7 @@ class Reading(models.Model):
                 name="reading_identity_unique",
             ),
             models.CheckConstraint(condition=Q(debit_kwh__gte=0), name="reading_debit_not_negative"),
+            models.CheckConstraint(condition=Q(held_kwh__gte=0), name="reading_held_not_negative"),
         ]
         indexes = [models.Index(fields=["meter", "reading_at"], name="reading_meter_time")]
 
@@ -212,6 +291,9 @@ class StatusKind(models.TextChoices):
     OFFLINE = "offline", "Offline"
     LOW_BALANCE = "low_balance", "Low balance"
     ERROR = "error", "Error"
+    # Written by the backend's accounting, not sent by meters:
+    REGISTER_RESET = "register_reset", "Register reset"
+    ANOMALY = "anomaly", "Implausible report"
 
 
 class StatusEvent(models.Model):
@@ -224,6 +306,7 @@ class StatusEvent(models.Model):
     firmware = models.CharField(max_length=32, blank=True)
     uptime_s = models.BigIntegerField(null=True, blank=True)
     reset_reason = models.CharField(max_length=32, blank=True)
+    reg_id = models.CharField(max_length=17, blank=True)
     meter_timestamp_ms = models.BigIntegerField(null=True, blank=True)
     received_at = models.DateTimeField(default=timezone.now, db_index=True)
     raw_payload = models.TextField()
@@ -256,6 +339,8 @@ class MeterCommand(models.Model):
     # under the meter's lock so the pair is consistent (PROTOCOL.md reconciliation).
     balance_kwh = kwh_field(null=True, blank=True)
     energy_total_kwh = kwh_field(null=True, blank=True)
+    # The register history energy_total_kwh belongs to (a regId the meter reported, else "").
+    reg_id = models.CharField(max_length=16, blank=True)
     relay_state = models.CharField(max_length=8, blank=True)
     issued_at = models.DateTimeField(default=timezone.now)
     payload = models.TextField(blank=True, help_text="The exact JSON published")

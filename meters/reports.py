@@ -21,6 +21,10 @@ class ConsumptionReport:
     timestamp_ms: int
     seq: int | None = None
     energy_total_kwh: Decimal | None = None
+    # The register history (PROTOCOL.md `regId`) and the boot counter (`boot`, for meters that
+    # send neither seq nor time): both make the identity survive reboots and resets.
+    reg_id: str | None = None
+    boot: int | None = None
     # The message as received (stored with the reading); not part of the report's value.
     raw_payload: str = field(default="", compare=False, repr=False)
 
@@ -30,10 +34,15 @@ class ConsumptionReport:
 
     @property
     def dedup_key(self) -> str:
-        """The report's identity (PROTOCOL.md): its seq if sent, else (timestamp, totalConsumed)."""
+        """The report's identity (PROTOCOL.md): its seq within its regId if sent, else
+        (boot, timestamp, totalConsumed). A meter without seq, time or boot counter repeats
+        identities across reboots (timestamp = ms since boot, totalConsumed since boot): that
+        limit is documented in README.md."""
+        scope = f"r:{self.reg_id}:" if self.reg_id is not None else ""
         if self.seq is not None:
-            return f"s:{self.seq}"
-        return f"t:{self.timestamp_ms}:{self.total_consumed_kwh}"
+            return f"{scope}s:{self.seq}"
+        boot = f"b{self.boot}:" if self.boot is not None else ""
+        return f"{scope}t:{boot}{self.timestamp_ms}:{self.total_consumed_kwh}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +57,7 @@ class StatusUpdate:
     firmware: str = ""
     uptime_s: int | None = None
     reset_reason: str = ""
+    reg_id: str | None = None
     raw_payload: str = field(default="", compare=False, repr=False)
 
 

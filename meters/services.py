@@ -178,13 +178,15 @@ def _post_entry_locked(
     return Posting(entry, True, meter.balance_kwh)
 
 
-def _post_entry_and_tell_meter_locked(meter: Meter, *, command_reason: str, **entry) -> Posting:
-    """A posting and the balance command that carries it to the meter (the caller holds the lock)."""
+def post_entry_and_tell_meter_locked(meter: Meter, *, command_reason: str, **entry) -> Posting:
+    """A posting and the balance command that carries it to the meter (the caller holds the
+    meter's lock; for meters' own services: purchases, adjustments, staff register decisions)."""
     posting = _post_entry_locked(meter, **entry)
     if not posting.created:
         return posting
     (command,) = balance_commands_queue_locked(
-        meters=[(meter.pk, meter.balance_kwh, meter.last_energy_total_kwh)], reason=command_reason, actor=entry["actor"]
+        meters=[(meter.pk, meter.balance_kwh, meter.last_energy_total_kwh, meter.reg_id)], reason=command_reason,
+        actor=entry["actor"],
     )
     return Posting(posting.entry, True, posting.balance_kwh, command)
 
@@ -249,7 +251,11 @@ def ledger_credit_purchase(
         reason = f"{reference}: KES {amount} at {rate}/kWh = {units} kWh"
         if remainder:
             reason += f" (remainder KES {remainder.normalize():f} not credited)"
-        posting = _post_entry_and_tell_meter_locked(
+        if meter.balance_kwh < 0:
+            # The meter was in arrears: the credit pays them first (by arithmetic), said here so
+            # that the statement shows it.
+            reason += f"; {min(units, -meter.balance_kwh)} kWh pays arrears"
+        posting = post_entry_and_tell_meter_locked(
             meter, command_reason="payment", kind=LedgerKind.PAYMENT_CREDIT, units_kwh=units,
             idempotency_key=idempotency_key, actor=actor, reason=reason, amount_kes=amount,
         )
@@ -267,7 +273,7 @@ def ledger_adjust(
     if not actor_name:
         raise InvalidInput("An adjustment needs the staff member who made it", field="actor")
     with transaction.atomic():
-        return _post_entry_and_tell_meter_locked(
+        return post_entry_and_tell_meter_locked(
             meter_lock(meter_no=meter_no), command_reason="adjustment", kind=LedgerKind.ADJUSTMENT, units_kwh=units,
             idempotency_key=idempotency_key or f"adjust:{uuid.uuid4()}", actor=str(actor_name), reason=reason.strip(),
             amount_kes=None,
@@ -278,17 +284,19 @@ def ledger_adjust(
 
 
 def balance_commands_queue_locked(
-    *, meters: Iterable[tuple[int, Decimal, Decimal | None]], reason: str, actor: str, at: datetime | None = None
+    *, meters: Iterable[tuple[int, Decimal, Decimal | None, str]], reason: str, actor: str, at: datetime | None = None
 ) -> list[MeterCommand]:
-    """Queue one balance command per (meter id, ledger balance, accounted register), for meters
-    whose rows the caller has locked, so that the pair is consistent (the meter reconciles with
-    `local = balance − (myEnergyTotal − energyTotal)`). Published after commit."""
+    """Queue one balance command per (meter id, ledger balance, accounted register, register
+    history), for meters whose rows the caller has locked, so that the three are consistent (the
+    meter reconciles with `local = balance − (myEnergyTotal − energyTotal)` for its own regId
+    only). A provisional or implicit history has no regId on the wire. Published after commit."""
     commands = MeterCommand.objects.bulk_create(
         MeterCommand(
             meter_id=meter_id, kind=CommandKind.BALANCE, cmd_id=uuid.uuid4().hex, reason=reason[:32],
             balance_kwh=balance, energy_total_kwh=energy_total, actor=actor[:150], issued_at=at or timezone.now(),
+            reg_id=reg_id if reg_id and not reg_id.startswith("~") else "",
         )
-        for meter_id, balance, energy_total in meters
+        for meter_id, balance, energy_total, reg_id in meters
     )
     dispatch_commands_on_commit([command.pk for command in commands])
     return commands
@@ -299,7 +307,7 @@ def meter_command_queue_balance(*, meter_no: str, reason: str, actor: str = "sys
     with transaction.atomic():
         meter = meter_lock(meter_no=meter_no)
         (command,) = balance_commands_queue_locked(
-            meters=[(meter.pk, meter.balance_kwh, meter.last_energy_total_kwh)], reason=reason, actor=actor
+            meters=[(meter.pk, meter.balance_kwh, meter.last_energy_total_kwh, meter.reg_id)], reason=reason, actor=actor
         )
     return command
 

@@ -22,6 +22,7 @@ from core.rules import (
     MAX_TIMESTAMP_MS,
     MAX_WIRE_INT,
     MAX_WIRE_KWH,
+    REG_ID,
     valid_meter_no,
 )
 from meters.reports import BalanceReport, ConsumptionReport, Report, StatusUpdate
@@ -150,6 +151,15 @@ def _string(data: dict, name: str, *, max_length: int, choices: tuple[str, ...] 
     return value[:max_length]
 
 
+def _reg_id(data: dict) -> str | None:
+    value = data.get("regId")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not REG_ID.fullmatch(value):
+        raise CodecError(f"regId must be 1-16 of A-Z a-z 0-9 _ -, got {str(value)[:40]!r}")
+    return value
+
+
 def decode(topic: str, payload: bytes) -> Report:
     """Validate one message exactly per PROTOCOL.md; raise CodecError with the reason."""
     meter_no, kind = parse_topic(topic)
@@ -175,6 +185,8 @@ def decode(topic: str, payload: bytes) -> Report:
             timestamp_ms=_integer(data, "timestamp", required=True, maximum=MAX_TIMESTAMP_MS),
             seq=_integer(data, "seq", required=False),
             energy_total_kwh=_number(data, "energyTotal", required=False, minimum=Decimal(0)),
+            reg_id=_reg_id(data),
+            boot=_integer(data, "boot", required=False),
             raw_payload=payload.decode(),  # valid UTF-8: orjson refused anything else
         )
     if kind == "status":
@@ -192,6 +204,7 @@ def decode(topic: str, payload: bytes) -> Report:
             firmware=_string(data, "fw", max_length=32),
             uptime_s=_integer(data, "uptime", required=False),
             reset_reason=_string(data, "resetReason", max_length=32),
+            reg_id=_reg_id(data),
             raw_payload=payload.decode(),
         )
     return BalanceReport(
@@ -222,6 +235,7 @@ def encode_balance_command(
     balance_kwh: Decimal,
     timestamp_ms: int,
     energy_total_kwh: Decimal | None = None,
+    reg_id: str | None = None,
     cmd_id: str | None = None,
     reason: str | None = None,
 ) -> bytes:
@@ -229,6 +243,8 @@ def encode_balance_command(
     parts = [f'"balance":{decimal_text(balance_kwh)}', f'"timestamp":{int(timestamp_ms)}']
     if energy_total_kwh is not None:
         parts.append(f'"energyTotal":{decimal_text(energy_total_kwh)}')
+        if reg_id:
+            parts.append(f'"regId":{_json_str(reg_id)}')
     if cmd_id:
         parts.append(f'"cmdId":{_json_str(cmd_id)}')
     if reason:
@@ -261,4 +277,8 @@ def encode_consumption_report(report: ConsumptionReport) -> bytes:
         parts.append(f'"seq":{int(report.seq)}')
     if report.energy_total_kwh is not None:
         parts.append(f'"energyTotal":{decimal_text(report.energy_total_kwh)}')
+    if report.reg_id is not None:
+        parts.append(f'"regId":{_json_str(report.reg_id)}')
+    if report.boot is not None:
+        parts.append(f'"boot":{int(report.boot)}')
     return ("{" + ",".join(parts) + "}").encode()

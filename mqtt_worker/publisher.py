@@ -86,6 +86,7 @@ def _payload(command: MeterCommand) -> bytes:
             balance_kwh=command.balance_kwh,
             timestamp_ms=timestamp_ms,
             energy_total_kwh=command.energy_total_kwh,
+            reg_id=command.reg_id or None,
             cmd_id=command.cmd_id,
             reason=command.reason,
         )

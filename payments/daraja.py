@@ -41,14 +41,20 @@ class DarajaError(Exception):
 
     `transient` says whether trying again later may succeed (timeouts, 5xx, rate limits) as
     opposed to a request Daraja will always refuse (400 Invalid <field>, wrong credentials).
+    `outcome_unknown` says the request may have been carried out although no answer says so: it
+    was sent, and then the answer timed out, the connection dropped, or a 5xx came back
+    (daraja.md: "The push request itself can fail after Safaricom accepted it"). Only an explicit
+    error answer, or a request that never left (no connection), means nothing was started.
     """
 
-    def __init__(self, message: str, *, http_status: int | None = None, error_code: str = "", transient: bool = True):
+    def __init__(self, message: str, *, http_status: int | None = None, error_code: str = "", transient: bool = True,
+                 outcome_unknown: bool = False):
         super().__init__(message)
         self.message = message
         self.http_status = http_status
         self.error_code = error_code
         self.transient = transient
+        self.outcome_unknown = outcome_unknown
 
 
 @dataclass(frozen=True)
@@ -172,18 +178,27 @@ def access_token(*, stale: str | None = None) -> str:
             cache.delete(lock_key)
 
 
-def _post(path: str, payload: dict) -> tuple[httpx.Response, dict]:
+def _request(path: str, payload: dict) -> tuple[httpx.Response, dict]:
+    """POST to Daraja with the shared token (refreshed once on 404.001.03). Transport failures
+    after the request may have reached Daraja are `outcome_unknown`."""
     token = access_token()
     for attempt in (1, 2):
         try:
             response = _http().post(
                 f"{settings.MPESA_BASE_URL}{path}", json=payload, headers={"Authorization": f"Bearer {token}"}
             )
-        except httpx.TimeoutException:
-            raise DarajaError("M-Pesa did not answer in time") from None
-        except httpx.HTTPError as error:
+        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+            # The connection was never made: the request did not leave.
             raise DarajaError(f"M-Pesa unreachable: {error.__class__.__name__}") from None
-        body = _parse(response)
+        except httpx.TimeoutException:
+            raise DarajaError("M-Pesa did not answer in time", outcome_unknown=True) from None
+        except httpx.HTTPError as error:
+            raise DarajaError(f"M-Pesa connection failed: {error.__class__.__name__}", outcome_unknown=True) from None
+        try:
+            body = _parse(response)
+        except DarajaError as error:
+            error.outcome_unknown = response.status_code >= 500
+            raise
         if attempt == 1 and response.status_code in (401, 404) and str(body.get("errorCode")) == INVALID_TOKEN:
             logger.info("M-Pesa refused the access token; refreshing once and retrying")
             token = access_token(stale=token)
@@ -214,9 +229,12 @@ def stk_push(*, phone: str, amount_kes: int, account_reference: str, description
         "AccountReference": account_reference[:12],
         "TransactionDesc": description[:13],
     }
-    response, body = _post("/mpesa/stkpush/v1/processrequest", payload)
+    response, body = _request("/mpesa/stkpush/v1/processrequest", payload)
     if response.status_code != 200 or str(body.get("ResponseCode")) != "0" or not body.get("CheckoutRequestID"):
-        raise _error_from(response, body)
+        error = _error_from(response, body)
+        # A 5xx, even with an errorCode, is no proof that the push was not carried out.
+        error.outcome_unknown = response.status_code >= 500
+        raise error
     return StkPushAccepted(
         merchant_request_id=str(body.get("MerchantRequestID", "")),
         checkout_request_id=str(body["CheckoutRequestID"]),
@@ -227,7 +245,7 @@ def stk_push(*, phone: str, amount_kes: int, account_reference: str, description
 
 def stk_query(*, checkout_request_id: str) -> StkQueryResult:
     payload = {**_password_fields(), "CheckoutRequestID": checkout_request_id}
-    response, body = _post("/mpesa/stkpushquery/v1/query", payload)
+    response, body = _request("/mpesa/stkpushquery/v1/query", payload)
     if str(body.get("errorCode")) == BEING_PROCESSED and "being processed" in str(body.get("errorMessage", "")).lower():
         return StkQueryResult(processing=True)
     if response.status_code != 200 or str(body.get("ResponseCode")) != "0" or "ResultCode" not in body:
@@ -247,7 +265,7 @@ def c2b_register_urls(*, confirmation_url: str, validation_url: str, response_ty
         "ConfirmationURL": confirmation_url,
         "ValidationURL": validation_url,
     }
-    response, body = _post(f"/mpesa/c2b/{settings.MPESA_C2B_VERSION}/registerurl", payload)
+    response, body = _request(f"/mpesa/c2b/{settings.MPESA_C2B_VERSION}/registerurl", payload)
     if response.status_code != 200 or str(body.get("ResponseCode")) != "0":
         raise _error_from(response, body)
     return body

@@ -1,9 +1,11 @@
 """M-Pesa payments, the raw callback log and the staff audit trail.
 
-A payment moves from `pending` to one terminal state, only under its row lock (services.py).
-Every external identifier (CheckoutRequestID, MpesaReceiptNumber, C2B TransID) is unique, so
-the database refuses a second payment for the same money even if the code had a bug. Money is
-KES with 2 places, units kWh with 6 (meters.models), never float.
+A payment moves from an open state (`pending`, `checking`, `needs_review`) to one terminal state,
+only under its row lock (services.py). Every external identifier (CheckoutRequestID,
+MpesaReceiptNumber, C2B TransID) is unique, so the database refuses a second payment for the
+same money even if the code had a bug; a second record of the same money (an STK push and the
+C2B confirmation of it) points at the first with `same_money_as` and shares its ledger entry.
+Money is KES with 2 places, units kWh with 6 (meters.models), never float.
 """
 
 from django.conf import settings
@@ -16,11 +18,21 @@ from meters.models import kes_field, kwh_field
 
 class PaymentStatus(models.TextChoices):
     PENDING = "pending", "Pending"
+    # The push request's answer was lost (timeout, dropped connection, 5xx): the customer may
+    # have been prompted and may pay. Settled by a callback, a C2B confirmation or staff.
+    CHECKING = "checking", "Checking (outcome unknown)"
     SUCCEEDED = "succeeded", "Succeeded"
     FAILED = "failed", "Failed"
     CANCELLED = "cancelled", "Cancelled by customer"
     TIMED_OUT = "timed_out", "Timed out"
     NEEDS_REVIEW = "needs_review", "Needs review"
+
+
+class PaidVia(models.TextChoices):
+    CALLBACK = "callback", "STK callback"
+    QUERY = "query", "STK push query"
+    C2B = "c2b", "C2B confirmation"
+    STAFF = "staff", "Staff"
 
 
 class PaymentChannel(models.TextChoices):
@@ -29,13 +41,19 @@ class PaymentChannel(models.TextChoices):
 
 
 class Payment(models.Model):
-    meter = models.ForeignKey("meters.Meter", on_delete=models.PROTECT, related_name="payments")
+    # Empty only for money received that matched no meter (kept for staff, needs_review).
+    meter = models.ForeignKey("meters.Meter", on_delete=models.PROTECT, related_name="payments", null=True, blank=True)
     initiated_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="mpesa_payments",
         help_text="Who started the STK push; empty for Paybill",
     )
     channel = models.CharField(max_length=8, choices=PaymentChannel.choices)
     status = models.CharField(max_length=16, choices=PaymentStatus.choices, default=PaymentStatus.PENDING)
+    paid_via = models.CharField(max_length=8, choices=PaidVia.choices, blank=True, help_text="What brought the money first")
+    # Another record of the same money (a C2B confirmation of an STK push): this one credits
+    # nothing itself and shares that payment's ledger entry.
+    same_money_as = models.ForeignKey("self", on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    review_reason = models.CharField(max_length=255, blank=True, help_text="Why staff must look at it")
     amount_kes = kes_field()
     phone = models.CharField(max_length=12, blank=True, help_text="2547XXXXXXXX; empty when M-Pesa masks it (C2B)")
     units_kwh = kwh_field(null=True, blank=True, help_text="Units credited; empty until credited")
@@ -80,6 +98,9 @@ class Payment(models.Model):
             models.CheckConstraint(
                 condition=Q(channel="stk") | Q(c2b_trans_id__isnull=False), name="payment_c2b_has_trans_id"
             ),
+            models.CheckConstraint(
+                condition=Q(meter__isnull=False) | Q(status__in=["needs_review", "failed"]), name="payment_has_meter"
+            ),
             # A customer's retry with the same key finds the first payment (NULL keys never collide).
             models.UniqueConstraint(
                 fields=["initiated_by", "client_idempotency_key"], name="payment_client_key_unique"
@@ -120,6 +141,7 @@ class Callback(models.Model):
     error = models.CharField(max_length=500, blank=True, help_text="Why it was refused or failed")
     outcome = models.CharField(max_length=255, blank=True, help_text="What processing did (e.g. credited, duplicate)")
     reply = models.CharField(max_length=255, blank=True, help_text="The JSON answered to Daraja")
+    attempts = models.PositiveIntegerField(default=0, help_text="Times processing was tried")
     payment = models.ForeignKey(Payment, on_delete=models.PROTECT, null=True, blank=True, related_name="callbacks")
 
     class Meta:

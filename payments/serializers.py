@@ -11,11 +11,17 @@ from payments.selectors import payment_delivered_to_meter
 
 class PaymentSerializer(serializers.Serializer):
     id = serializers.IntegerField()
-    meterNo = serializers.CharField(source="meter.meter_no")
+    meterNo = serializers.CharField(source="meter.meter_no", allow_null=True)
     channel = serializers.CharField(help_text="stk (pushed to the phone) or c2b (paid from the M-Pesa menu)")
     amount = serializers.DecimalField(source="amount_kes", help_text="KES", **KES_FIELD)
     phone = serializers.CharField(help_text="2547XXXXXXXX; empty when M-Pesa masks it")
-    status = serializers.CharField(help_text="pending, succeeded, failed, cancelled, timed_out or needs_review")
+    status = serializers.CharField(
+        help_text="pending (waiting for the PIN), checking (M-Pesa's answer was lost: we are checking), succeeded, "
+        "failed, cancelled, timed_out or needs_review"
+    )
+    paidVia = serializers.CharField(
+        source="paid_via", help_text="How the money was confirmed: callback, query, c2b or staff; empty until paid"
+    )
     receipt = serializers.CharField(source="mpesa_receipt", allow_null=True, help_text="M-Pesa receipt number")
     checkoutRequestId = serializers.CharField(source="checkout_request_id", allow_null=True)
     units = serializers.DecimalField(source="units_kwh", allow_null=True, help_text="kWh credited; null until then", **KWH_FIELD)

@@ -57,9 +57,10 @@ def _refusal(request: HttpRequest, secret: str, ip: str | None) -> HttpResponse 
     return None
 
 
-def _callback_view(kind: str, process):
+def _callback_view(kind: str):
     """A Daraja callback endpoint: refuse unauthenticated calls without storing them, store the
-    raw body before anything else, then `process(callback_id) -> reply dict` answers Daraja."""
+    raw body before anything else, then process it and answer Daraja (always, once stored: a
+    callback whose processing failed is processed again by the sweeper)."""
 
     @csrf_exempt
     @require_POST
@@ -69,16 +70,11 @@ def _callback_view(kind: str, process):
         if refusal:
             return refusal
         callback = services.callback_record(kind=kind, body=request.body, remote_addr=ip)
-        return JsonResponse(process(callback.pk))
+        return JsonResponse(services.callback_process(callback_id=callback.pk))
 
     return view
 
 
-def _stk_process(callback_id: int) -> dict:
-    services.stk_callback_process(callback_id=callback_id)
-    return {"ResultCode": 0, "ResultDesc": "Accepted"}
-
-
-stk_callback = _callback_view(CallbackKind.STK, _stk_process)
-c2b_validation = _callback_view(CallbackKind.C2B_VALIDATION, lambda pk: services.c2b_validate(callback_id=pk))
-c2b_confirmation = _callback_view(CallbackKind.C2B_CONFIRMATION, lambda pk: services.c2b_confirm(callback_id=pk))
+stk_callback = _callback_view(CallbackKind.STK)
+c2b_validation = _callback_view(CallbackKind.C2B_VALIDATION)
+c2b_confirmation = _callback_view(CallbackKind.C2B_CONFIRMATION)

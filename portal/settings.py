@@ -113,6 +113,8 @@ CELERY_BEAT_SCHEDULE = {
     },
     # M-Pesa: STK pushes still pending after ~90 s are queried with back-off.
     "reconcile-pending-payments": {"task": "payments.tasks.reconcile_pending_payments", "schedule": 30.0},
+    # Callbacks stored but left unprocessed (a crash, a database error) are processed again.
+    "sweep-callbacks": {"task": "payments.tasks.sweep_callbacks", "schedule": 30.0, "options": {"expires": 60}},
     # Firebase mirror: meters whose state changed are written to the Realtime Database.
     "firebase-mirror-sync": {"task": "meters.tasks.firebase_mirror_sync", "schedule": 2.0, "options": {"expires": 10}},
 }

@@ -12,6 +12,7 @@ from django.views.decorators.http import require_POST
 
 from core.errors import DomainError, NotFound
 from meters.selectors import meter_balance_kes, meter_get_for_user, meters_for_user, recent_readings
+from payments.models import PaymentStatus
 from payments.selectors import payments_for_user
 from payments.services import stk_push_start
 
@@ -75,9 +76,15 @@ def buy_units(request: HttpRequest, meter_no: str) -> HttpResponse:
         except DomainError as error:
             form.add_error(error.field if error.field in form.fields else None, error.message)
         else:
-            messages.success(
-                request, f"Check your phone {payment.phone} and enter your M-Pesa PIN to pay KES {payment.amount_kes}."
-            )
+            if payment.status == PaymentStatus.CHECKING:
+                messages.warning(
+                    request, f"M-Pesa did not answer in time, so we are checking. If your phone {payment.phone} asks for "
+                    f"your PIN to pay KES {payment.amount_kes}, you can pay: your units are safe either way.",
+                )
+            else:
+                messages.success(
+                    request, f"Check your phone {payment.phone} and enter your M-Pesa PIN to pay KES {payment.amount_kes}."
+                )
             return redirect("meter-detail", meter_no=meter.meter_no)
     return render(request, "portal/meter_detail.html", _meter_context(request, meter, form), status=400)
 

@@ -23,10 +23,20 @@ from django.db import transaction
 from django.utils import timezone
 
 from core.errors import NotFound
-from meters.consumption.rules import ZERO, Charge, MeterState, charge
+from meters.consumption.rules import ZERO, Charge, History, MeterState, charge
 from meters.consumption.stores import ConsumptionStore, DebitRow, MeterRow, ReadingRow, store_for_connection
 from meters.events import ConsumptionEvents, send_meter_events_on_commit
-from meters.models import CommandKind, CommandStatus, Meter, MeterCommand, StatusEvent
+from meters.models import (
+    CommandKind,
+    CommandStatus,
+    HistoryKind,
+    HistoryReview,
+    Meter,
+    MeterCommand,
+    Reading,
+    RegisterHistory,
+    StatusEvent,
+)
 from meters.reports import BalanceReport, ConsumptionReport, Report, StatusUpdate
 from meters.services import balance_commands_queue_locked, firebase_mirror_mark
 
@@ -36,6 +46,8 @@ logger = logging.getLogger("meters.consumption")
 # per meter per RESYNC_INTERVAL (a meter that keeps drifting must not flood itself with commands).
 RESYNC_TOLERANCE_KWH = Decimal("0.01")
 RESYNC_INTERVAL = timedelta(minutes=10)
+# How long a status's balance may lag the meter's last report (its own billing since then).
+STATUS_UNREPORTED_HOURS = Decimal(5) / 60
 # Who queues the commands that reports call for.
 REPORTS_ACTOR = "mqtt-worker"
 
@@ -134,9 +146,11 @@ def _apply_consumption(
     reports: list[ConsumptionReport], states: dict[str, MeterState], store: ConsumptionStore, now: datetime,
     outcome: IngestOutcome,
 ) -> None:
+    _load_histories(reports, states)
     readings: list[ReadingRow] = []
     debits: list[DebitRow] = []
-    touched: dict[str, None] = {}  # the batch's meters, in arrival order
+    # The batch's meters in arrival order, with their balance and history before it.
+    touched: dict[str, tuple[Decimal, str]] = {}
     # Per meter, its newest report in the batch that advanced its state, with the ledger balance
     # right after it: the one whose remainingBalance is compared with the ledger. A late or
     # redelivered older report carries an older balance and must not look like drift.
@@ -147,21 +161,22 @@ def _apply_consumption(
     for report in reports:
         meter_no = report.meter_no
         state = states[meter_no]
+        if meter_no not in touched:
+            touched[meter_no] = (state.balance_kwh, state.current.reg_id)
         result = charge(state, report)
         outcome.charges.append(result)
-        key, debit, duplicate = report.dedup_key, result.debit_kwh, result.is_duplicate
+        debit, duplicate = result.debit_kwh, result.is_duplicate
         readings.append(ReadingRow(
-            now, state.meter_id, _reading_time(report, now), report.time_trusted, report.timestamp_ms, report.units_consumed_kwh,
-            report.remaining_balance_kwh, report.total_consumed_kwh, report.seq, report.energy_total_kwh, key, duplicate,
-            debit, report.raw_payload,
+            now, state.meter_id, _reading_time(report, now), report.time_trusted, report.timestamp_ms,
+            report.units_consumed_kwh, report.remaining_balance_kwh, report.total_consumed_kwh, report.seq,
+            report.energy_total_kwh, result.reg_id, result.dedup_key, duplicate, debit, result.held_kwh, report.raw_payload,
         ))
         if debit > 0:
-            debits.append(DebitRow(state.meter_id, -debit, f"reading:{state.meter_id}:{key}", now))
+            debits.append(DebitRow(state.meter_id, -debit, f"reading:{state.meter_id}:{result.dedup_key}", now))
             debited[meter_no] = debited[meter_no] + debit if meter_no in debited else debit
         if result.anomaly:
             logger.warning("Anomaly - Meter: %s, %s", meter_no, result.anomaly)
-        touched[meter_no] = None
-        if _advances(state, report, duplicate) and (
+        if _advances(state, report, result) and (
             meter_no not in newest or _order(report) >= _order(newest[meter_no][0])
         ):
             newest[meter_no] = (report, result.balance_after_kwh)
@@ -169,43 +184,54 @@ def _apply_consumption(
         items.append((meter_no, report.units_consumed_kwh, duplicate))
     outcome.consumption += len(reports)
     outcome.duplicates += duplicates
-    meter_rows = [
-        MeterRow(
-            states[meter_no].meter_id, debited.get(meter_no, ZERO), states[meter_no].energy_high_kwh,
-            states[meter_no].energy_floor_kwh, states[meter_no].energy_seq,
-            newest[meter_no][0].remaining_balance_kwh if meter_no in newest else None, states[meter_no].anomaly[:200],
-        )
-        for meter_no in touched
-    ]
-    store.write(readings, debits, meter_rows, now)
+    store.write(
+        readings, debits,
+        [MeterRow.of(states[meter_no], debited.get(meter_no, ZERO),
+                     newest[meter_no][0].remaining_balance_kwh if meter_no in newest else None) for meter_no in touched],
+        now,
+    )
     outcome.debited_kwh += sum(debited.values(), ZERO)
+    for meter_no, (_, reg_id_before) in touched.items():
+        _save_histories(states[meter_no], reg_id_before, now)
+    _store_notices([states[meter_no] for meter_no in touched], now)
 
+    # Balance commands the batch calls for: a meter whose credit ran out (so that a seed-only
+    # meter whose own balance drifted still cuts), and one whose remainingBalance drifted.
+    run_out = [
+        meter_no for meter_no, (before, _) in touched.items()
+        if (before > 0 >= states[meter_no].balance_kwh) or (before >= 0 > states[meter_no].balance_kwh)
+    ]
     drifting = [
         meter_no
         for meter_no, (report, balance) in newest.items()
-        if abs(report.remaining_balance_kwh - balance) > RESYNC_TOLERANCE_KWH
+        if meter_no not in run_out and abs(report.remaining_balance_kwh - balance) > RESYNC_TOLERANCE_KWH
         and (states[meter_no].last_resync_at is None or now - states[meter_no].last_resync_at >= RESYNC_INTERVAL)
     ]
+    if run_out:
+        _queue_balance_commands([states[meter_no] for meter_no in run_out], reason="no_credit", now=now)
+        for meter_no in run_out:
+            logger.info("No credit - Meter: %s, ledger %s", meter_no, states[meter_no].balance_kwh)
     if drifting:
         _queue_balance_commands([states[meter_no] for meter_no in drifting], reason="resync", now=now)
         for meter_no in drifting:
             logger.info("Resync - Meter: %s, reported %s, ledger %s", meter_no, newest[meter_no][0].remaining_balance_kwh,
                         newest[meter_no][1])
-        Meter.objects.filter(id__in=[states[n].meter_id for n in drifting]).update(last_resync_at=now)
+    if run_out or drifting:
+        Meter.objects.filter(id__in=[states[n].meter_id for n in run_out + drifting]).update(last_resync_at=now)
     outcome.events.extend(
         ConsumptionEvents(
             meter_no, states[meter_no].balance_kwh, debited.get(meter_no, ZERO),
             newest[meter_no][0].remaining_balance_kwh if meter_no in newest else None,
-            states[meter_no].energy_high_kwh, now,
+            states[meter_no].current.high, now,
         )
         for meter_no in touched
     )
 
 
-def _advances(state: MeterState, report: ConsumptionReport, is_duplicate: bool) -> bool:
-    if is_duplicate:
+def _advances(state: MeterState, report: ConsumptionReport, result: Charge) -> bool:
+    if result.is_duplicate or result.reg_id != state.current.reg_id:
         return False
-    return report.energy_total_kwh is None or report.energy_total_kwh == state.energy_high_kwh
+    return report.energy_total_kwh is None or report.energy_total_kwh == state.current.high
 
 
 def _order(report: ConsumptionReport) -> tuple[int, int]:
@@ -215,9 +241,103 @@ def _order(report: ConsumptionReport) -> tuple[int, int]:
 def _queue_balance_commands(states: list[MeterState], *, reason: str, now: datetime) -> None:
     """Balance commands from the batch's state (locked, and already reflecting its debits)."""
     balance_commands_queue_locked(
-        meters=[(state.meter_id, state.balance_kwh, state.energy_high_kwh) for state in states],
+        meters=[(state.meter_id, state.balance_kwh, state.current.high, state.current.reg_id) for state in states],
         reason=reason, actor=REPORTS_ACTOR, at=now,
     )
+
+
+def _load_histories(reports: list[ConsumptionReport], states: dict[str, MeterState]) -> None:
+    """The rare path: closed register histories for reports of another regId than the meter's
+    current one, and (for meters that have had provisional histories) the identities stored in
+    those histories' namespaces. One query each, only when needed."""
+    need = {
+        states[r.meter_no].meter_id for r in reports
+        if (r.reg_id is not None and r.reg_id != states[r.meter_no].current.reg_id) or states[r.meter_no].generation
+    }
+    if not need:
+        return
+    by_id = {state.meter_id: state for state in states.values()}
+    for row in RegisterHistory.objects.filter(meter_id__in=need):
+        state = by_id[row.meter_id]
+        if row.reg_id != state.current.reg_id:
+            state.others[row.reg_id] = History(
+                row.reg_id, row.floor_kwh, row.high_kwh, row.high_seq, row.high_at_ms, row.floor_at_ms, row.suspect_kwh,
+                row.held_kwh, provisional=row.kind == HistoryKind.PROVISIONAL,
+            )
+    keys = set()
+    for report in reports:
+        state = states[report.meter_no]
+        if report.reg_id is None and state.meter_id in need:
+            keys.update((state.meter_id, f"{report.dedup_key}@{n}") for n in range(1, state.generation + 1))
+    if keys:
+        found = Reading.objects.filter(
+            meter_id__in={meter_id for meter_id, _ in keys}, dedup_key__in={key for _, key in keys}, is_duplicate=False,
+        ).values_list("meter_id", "dedup_key", "units_consumed_kwh", "total_consumed_kwh")
+        for meter_id, key, units, total in found:
+            if (meter_id, key) in keys:
+                by_id[meter_id].seen[key] = (units, total)
+
+
+def _history_fields(history: History) -> dict:
+    return {
+        "floor_kwh": history.floor, "high_kwh": history.high, "high_seq": history.high_seq,
+        "high_at_ms": history.high_at_ms, "floor_at_ms": history.floor_at_ms, "suspect_kwh": history.suspect,
+        "held_kwh": history.held,
+    }
+
+
+def _history_kind(history: History) -> str:
+    if history.provisional:
+        return HistoryKind.PROVISIONAL
+    return HistoryKind.REPORTED if history.reg_id else HistoryKind.IMPLICIT
+
+
+def _save_histories(state: MeterState, reg_id_before: str, now: datetime) -> None:
+    """Write what the batch changed of the meter's register histories (the current one's live
+    state is on the Meter row). Rare: only when a history opened, closed or was accounted late."""
+    current = state.current
+    for history in state.others.values():
+        if not history.changed:
+            continue
+        defaults = {**_history_fields(history), "kind": _history_kind(history), "current": False}
+        if history.reg_id == reg_id_before:
+            defaults["closed_at"] = now
+        if history.opened_reason:
+            defaults["reason"] = history.opened_reason[:255]
+        RegisterHistory.objects.update_or_create(meter_id=state.meter_id, reg_id=history.reg_id, defaults=defaults)
+        history.changed = False
+    if current.reg_id == reg_id_before:
+        return
+    if not current.opened_reason:
+        # The same register, now named (the meter started sending regId): rename its row.
+        RegisterHistory.objects.filter(meter_id=state.meter_id, reg_id=reg_id_before).update(reg_id=current.reg_id)
+        return
+    RegisterHistory.objects.filter(meter_id=state.meter_id, current=True).update(current=False)
+    RegisterHistory.objects.update_or_create(
+        meter_id=state.meter_id, reg_id=current.reg_id,
+        defaults={
+            **_history_fields(current), "kind": _history_kind(current), "current": True, "opened_at": now,
+            "reason": current.opened_reason[:255],
+            "review": HistoryReview.PENDING if current.provisional else HistoryReview.NONE,
+        },
+    )
+    current.opened_reason = ""
+
+
+def _store_notices(states: list[MeterState], now: datetime) -> None:
+    """What staff must see (register resets, implausible reports) as status events: per meter
+    and kind at most one per batch, the latest, so a misbehaving meter cannot flood them."""
+    events = []
+    for state in states:
+        latest = {kind: message for kind, message in state.notices}
+        events.extend(
+            StatusEvent(meter_id=state.meter_id, status=kind, message=message, reg_id=state.current.reg_id,
+                        received_at=now, raw_payload="")
+            for kind, message in latest.items()
+        )
+        state.notices.clear()
+    if events:
+        StatusEvent.objects.bulk_create(events)
 
 
 def _apply_statuses(items: list[StatusUpdate], states: dict[str, MeterState], now: datetime, outcome: IngestOutcome) -> None:
@@ -225,33 +345,62 @@ def _apply_statuses(items: list[StatusUpdate], states: dict[str, MeterState], no
         StatusEvent(
             meter_id=states[s.meter_no].meter_id, status=s.status, message=s.message, balance_kwh=s.balance_kwh,
             wifi_rssi=s.wifi_rssi, relay=s.relay, firmware=s.firmware, uptime_s=s.uptime_s,
-            reset_reason=s.reset_reason, meter_timestamp_ms=s.timestamp_ms, received_at=now, raw_payload=s.raw_payload,
+            reset_reason=s.reset_reason, reg_id=s.reg_id or "", meter_timestamp_ms=s.timestamp_ms, received_at=now,
+            raw_payload=s.raw_payload,
         )
         for s in items
     )
     latest: dict[str, StatusUpdate] = {}
     reconnected: dict[str, None] = {}
+    disagreeing: dict[str, None] = {}
+    online = {meter_no: states[meter_no].online for meter_no in {s.meter_no for s in items}}
     for status in items:
-        latest[status.meter_no] = status
-        if status.status == "online":
-            reconnected[status.meter_no] = None
-        outcome.status_items.append((status.meter_no, status.status))
+        meter_no = status.meter_no
+        latest[meter_no] = status
+        if status.status == "offline":
+            online[meter_no] = False
+        else:
+            # PROTOCOL.md: a meter that reports `online` after (re)connecting gets the current
+            # balance; one that was online already only when its balance disagrees with the ledger.
+            if not online[meter_no]:
+                reconnected[meter_no] = None
+            elif _disagrees(states[meter_no], status, now):
+                disagreeing[meter_no] = None
+            online[meter_no] = True
+        outcome.status_items.append((meter_no, status.status))
     for meter_no, status in latest.items():
-        online = status.status != "offline"
-        fields = {"online": online}
-        if online:  # the Last Will is published by the broker, not a sign of life
+        fields = {"online": online[meter_no]}
+        if online[meter_no]:  # the Last Will is published by the broker, not a sign of life
             fields["last_seen_at"] = now
         if status.relay:
             fields["relay_state"] = status.relay
+        if meter_no in disagreeing:
+            fields["last_resync_at"] = now
         Meter.objects.filter(id=states[meter_no].meter_id).update(**fields)
+        states[meter_no].online = online[meter_no]
         outcome.events.append(
-            {"meterNo": meter_no, "type": "status", "status": status.status, "online": online,
+            {"meterNo": meter_no, "type": "status", "status": status.status, "online": online[meter_no],
              "relay": status.relay or None, "message": status.message, "at": now.isoformat()}
         )
-    # PROTOCOL.md: a meter that reports `online` after (re)connecting gets the current balance.
     if reconnected:
         _queue_balance_commands([states[meter_no] for meter_no in reconnected], reason="reconnect", now=now)
+    disagreeing = {meter_no: None for meter_no in disagreeing if meter_no not in reconnected}
+    if disagreeing:
+        _queue_balance_commands([states[meter_no] for meter_no in disagreeing], reason="resync", now=now)
     outcome.statuses += len(items)
+
+
+def _disagrees(state: MeterState, status: StatusUpdate, now: datetime) -> bool:
+    """Whether an online meter's own balance is off the ledger's beyond the tolerance. The meter
+    has billed what it drew since its last report, so it may be below the ledger by up to what it
+    can draw in a few minutes; above the ledger it never should be. Rate-limited like drift."""
+    if status.balance_kwh is None:
+        return False
+    if state.last_resync_at is not None and now - state.last_resync_at < RESYNC_INTERVAL:
+        return False
+    ledger = state.balance_kwh
+    unreported = state.rated_max_kw * STATUS_UNREPORTED_HOURS
+    return status.balance_kwh > ledger + RESYNC_TOLERANCE_KWH or status.balance_kwh < ledger - RESYNC_TOLERANCE_KWH - unreported
 
 
 def _apply_balance_reports(

@@ -22,7 +22,7 @@ from typing import NamedTuple, Protocol
 import psycopg
 from django.db import connection
 
-from meters.consumption.rules import MeterState
+from meters.consumption.rules import History, MeterState
 from meters.models import LedgerEntry, LedgerKind, Meter, Reading
 
 
@@ -39,9 +39,11 @@ class ReadingRow(NamedTuple):
     total_consumed_kwh: Decimal
     seq: int | None
     energy_total_kwh: Decimal | None
+    reg_id: str
     dedup_key: str
     is_duplicate: bool
     debit_kwh: Decimal
+    held_kwh: Decimal
     raw_payload: str
 
 
@@ -58,16 +60,31 @@ class DebitRow(NamedTuple):
 
 
 class MeterRow(NamedTuple):
-    """What a batch changes on one meter: its balance (by `debit_kwh`), its accounted register
-    range, the newest remainingBalance it reported (None: keep the stored one) and its anomaly."""
+    """What a batch changes on one meter: its balance (by `debit_kwh`), the state of its current
+    register history, the newest remainingBalance it reported (None: keep the stored one) and its
+    anomaly."""
 
     meter_id: int
     debit_kwh: Decimal
+    reg_id: str
+    reg_generation: int
     energy_high_kwh: Decimal | None
     energy_floor_kwh: Decimal | None
     energy_seq: int | None
+    energy_high_at_ms: int | None
+    energy_floor_at_ms: int | None
+    energy_suspect_kwh: Decimal | None
+    energy_held_kwh: Decimal
     reported_balance_kwh: Decimal | None
     anomaly: str
+
+    @classmethod
+    def of(cls, state: MeterState, debit_kwh: Decimal, reported_balance_kwh: Decimal | None) -> MeterRow:
+        h = state.current
+        return cls(
+            state.meter_id, debit_kwh, h.reg_id, state.generation, h.high, h.floor, h.high_seq, h.high_at_ms,
+            h.floor_at_ms, h.suspect, h.held, reported_balance_kwh, state.anomaly[:200],
+        )
 
 
 class ConsumptionStore(Protocol):
@@ -80,16 +97,23 @@ class ConsumptionStore(Protocol):
         """Write a batch's readings, ledger debits and meter changes (inside the caller's transaction)."""
 
 
-# The meter columns the rules need, in MeterState's order.
+# The meter columns the rules need (see _state).
 _STATE_COLUMNS = (
-    "id", "meter_no", "balance_kwh", "last_energy_total_kwh", "energy_floor_kwh", "last_energy_seq", "anomaly",
-    "last_resync_at",
+    "id", "meter_no", "balance_kwh", "reg_id", "reg_generation", "last_energy_total_kwh", "energy_floor_kwh",
+    "last_energy_seq", "energy_high_at_ms", "energy_floor_at_ms", "energy_suspect_kwh", "energy_held_kwh",
+    "rated_max_kw", "anomaly", "online", "last_resync_at",
 )
 
 
 def _state(row) -> MeterState:
-    meter_id, meter_no, balance, high, floor, seq, anomaly, last_resync_at = row
-    return MeterState(meter_id, meter_no, balance, high, floor, seq, anomaly, last_resync_at)
+    (meter_id, meter_no, balance, reg_id, generation, high, floor, seq, high_at, floor_at, suspect, held, rated,
+     anomaly, online, last_resync_at) = row
+    current = History(reg_id, floor, high, seq, high_at, floor_at, suspect, held, provisional=reg_id.startswith("~"))
+    return MeterState(meter_id, meter_no, balance, current, rated, generation, anomaly, online, last_resync_at)
+
+
+def _seen(state: MeterState, key: str, units: Decimal, total: Decimal) -> None:
+    state.seen[key] = (units, total)
 
 
 class OrmStore:
@@ -105,10 +129,10 @@ class OrmStore:
                 meter_id__in={meter_id for meter_id, _ in pairs},
                 dedup_key__in={key for _, key in pairs},
                 is_duplicate=False,
-            ).values_list("meter_id", "dedup_key")
-            for meter_id, key in found:
+            ).values_list("meter_id", "dedup_key", "units_consumed_kwh", "total_consumed_kwh")
+            for meter_id, key, units, total in found:
                 if (meter_id, key) in pairs:
-                    by_id[meter_id].seen_keys.add(key)
+                    _seen(by_id[meter_id], key, units, total)
         return states
 
     def write(self, readings: list[ReadingRow], debits: list[DebitRow], meters: list[MeterRow], now: datetime) -> None:
@@ -116,12 +140,12 @@ class OrmStore:
         LedgerEntry.objects.bulk_create(LedgerEntry(**row._asdict()) for row in debits)
         with connection.cursor() as cursor:
             cursor.executemany(
-                f"UPDATE {Meter._meta.db_table} SET balance_kwh = balance_kwh - %s, last_energy_total_kwh = %s,"
-                " energy_floor_kwh = %s, last_energy_seq = %s,"
+                f"UPDATE {Meter._meta.db_table} SET balance_kwh = balance_kwh - %s, reg_id = %s, reg_generation = %s,"
+                " last_energy_total_kwh = %s, energy_floor_kwh = %s, last_energy_seq = %s, energy_high_at_ms = %s,"
+                " energy_floor_at_ms = %s, energy_suspect_kwh = %s, energy_held_kwh = %s,"
                 " last_reported_balance_kwh = COALESCE(%s, last_reported_balance_kwh), anomaly = %s,"
                 " last_seen_at = %s WHERE id = %s",
-                [(m.debit_kwh, m.energy_high_kwh, m.energy_floor_kwh, m.energy_seq, m.reported_balance_kwh, m.anomaly,
-                  now, m.meter_id) for m in meters],
+                [(*m[1:], now, m.meter_id) for m in meters],
             )
 
 
@@ -132,6 +156,7 @@ _PG_TYPES = {
     "total_consumed_kwh": "numeric", "seq": "int8", "energy_total_kwh": "numeric", "dedup_key": "text",
     "is_duplicate": "bool", "debit_kwh": "numeric", "raw_payload": "text", "units_kwh": "numeric",
     "idempotency_key": "text", "created_at": "timestamptz", "kind": "text", "actor": "text", "reason": "text",
+    "reg_id": "text", "held_kwh": "numeric",
 }
 
 
@@ -170,10 +195,12 @@ class PostgresStore:
             cursor.execute(
                 f"WITH locked AS MATERIALIZED (SELECT {columns} FROM {Meter._meta.db_table}"
                 "  WHERE meter_no = ANY(%b::varchar[]) ORDER BY id FOR UPDATE),"
-                " seen AS (SELECT l.id, array_agg(r.dedup_key) AS keys"
+                " seen AS (SELECT l.id,"
+                "   array_agg(concat_ws('|', r.dedup_key, r.units_consumed_kwh, r.total_consumed_kwh)) AS keys"
                 "  FROM unnest(%b::varchar[], %b::varchar[]) AS t(meter_no, dedup_key)"
                 "  JOIN locked l ON l.meter_no = t.meter_no"
-                f"  CROSS JOIN LATERAL (SELECT dedup_key FROM {Reading._meta.db_table}"
+                f"  CROSS JOIN LATERAL (SELECT dedup_key, units_consumed_kwh, total_consumed_kwh"
+                f"   FROM {Reading._meta.db_table}"
                 "   WHERE meter_id = l.id AND dedup_key = t.dedup_key AND NOT is_duplicate LIMIT 1) AS r"
                 "  GROUP BY l.id)"
                 f" SELECT {', '.join('l.' + name for name in _STATE_COLUMNS)}, s.keys"
@@ -184,8 +211,9 @@ class PostgresStore:
         states = {}
         for row in rows:
             state = _state(row[:-1])
-            if row[-1]:
-                state.seen_keys.update(row[-1])
+            for found in row[-1] or ():
+                key, units, total = found.split("|")
+                _seen(state, key, Decimal(units), Decimal(total))
             states[state.meter_no] = state
         return states
 
@@ -197,15 +225,18 @@ class PostgresStore:
                 _copy(cursor, LedgerEntry._meta.db_table, DebitRow, debits)
             if not meters:
                 return
-            ids, debit, high, floor, seq, reported, anomaly = (list(column) for column in zip(*meters, strict=True))
             cursor.execute(
-                f"UPDATE {Meter._meta.db_table} AS m SET balance_kwh = m.balance_kwh - t.debit,"
-                " last_energy_total_kwh = t.high, energy_floor_kwh = t.floor, last_energy_seq = t.seq,"
+                f"UPDATE {Meter._meta.db_table} AS m SET balance_kwh = m.balance_kwh - t.debit, reg_id = t.reg_id,"
+                " reg_generation = t.gen, last_energy_total_kwh = t.high, energy_floor_kwh = t.floor,"
+                " last_energy_seq = t.seq, energy_high_at_ms = t.high_at, energy_floor_at_ms = t.floor_at,"
+                " energy_suspect_kwh = t.suspect, energy_held_kwh = t.held,"
                 " last_reported_balance_kwh = COALESCE(t.reported, m.last_reported_balance_kwh),"
                 " anomaly = t.anomaly, last_seen_at = %b"
-                " FROM unnest(%b::bigint[], %b::numeric[], %b::numeric[], %b::numeric[], %b::bigint[], %b::numeric[],"
-                " %b::text[]) AS t(id, debit, high, floor, seq, reported, anomaly) WHERE m.id = t.id",
-                [now, ids, debit, high, floor, seq, reported, anomaly],
+                " FROM unnest(%b::bigint[], %b::numeric[], %b::text[], %b::int[], %b::numeric[], %b::numeric[],"
+                " %b::bigint[], %b::bigint[], %b::bigint[], %b::numeric[], %b::numeric[], %b::numeric[], %b::text[])"
+                " AS t(id, debit, reg_id, gen, high, floor, seq, high_at, floor_at, suspect, held, reported, anomaly)"
+                " WHERE m.id = t.id",
+                [now, *(list(column) for column in zip(*meters, strict=True))],
             )
 
 

@@ -165,7 +165,7 @@ class Fleet:
         for index, meter_no in enumerate(meter_nos):
             cumulative, energy, stream = Decimal(0), Decimal("1000"), []
             for k in range(1, reports_per_meter + 1):
-                units = Decimal(rng.randint(1, 9999)) / 10000
+                units = Decimal(rng.randint(1, 9999)) / 100000  # up to 12 kW over 30 s: within the physical bound
                 cumulative += units
                 energy += units
                 ext = index % 2 == 0

@@ -9,7 +9,16 @@ import pytest
 from django.core.management import call_command
 
 from meters import services
-from meters.models import CommandStatus, FirebaseMirror, LedgerEntry, Meter, MeterCommand, Reading, StatusEvent
+from meters.models import (
+    CommandStatus,
+    FirebaseMirror,
+    LedgerEntry,
+    Meter,
+    MeterCommand,
+    Reading,
+    RegisterHistory,
+    StatusEvent,
+)
 from meters.selectors import ledger_mismatches, meter_balance_get
 from mqtt_worker.codec import ConsumptionReport, encode_consumption_report
 from mqtt_worker.ingest import Message, ingest_batch
@@ -106,22 +115,25 @@ def test_lost_report_costs_nothing_and_stale_replay_debits_nothing(meter001):
     assert Reading.objects.get(seq=2).debit_kwh == 0
 
 
-def test_register_backwards_is_flagged_and_a_reset_is_rebased(meter001):
+def test_register_backwards_without_reg_id_opens_a_provisional_history(meter001):
     ingest_batch([consumption("METER001", 0.1, seq=10, energy=500)], client_id="t")
-    # No seq: a replay cannot be told from a reset, so nothing is debited and nothing rebased.
+    # No regId, no seq, no time: a replay cannot be told from a reset, and no late report can be
+    # 497 kWh below the range. A provisional history takes it (for staff to confirm or merge).
     ingest_batch([consumption("METER001", 0.1, energy=3, ts=5)], client_id="t")
     meter = Meter.objects.get(meter_no="METER001")
-    assert "backwards" in meter.anomaly and meter.last_energy_total_kwh == Decimal("500")
-    assert meter_balance_get(meter_no="METER001") == Decimal("10.4")
-    # A newer seq with a lower register: a reset. Rebased, and billing continues from it.
-    ingest_batch([consumption("METER001", 0.2, seq=11, energy=0.2)], client_id="t")
-    ingest_batch([consumption("METER001", 0.3, seq=12, energy=0.5)], client_id="t")
-    meter = Meter.objects.get(meter_no="METER001")
-    assert "reset" in meter.anomaly and meter.last_energy_total_kwh == Decimal("0.5")
-    assert meter_balance_get(meter_no="METER001") == Decimal("9.9")
-    # An old report from before the reset arrives late: above the new range but older. Nothing.
-    ingest_batch([consumption("METER001", 0.1, seq=9, energy=499.9)], client_id="t")
-    assert meter_balance_get(meter_no="METER001") == Decimal("9.9")
+    assert "reset suspected" in meter.anomaly and meter.reg_id == "~1" and meter.last_energy_total_kwh == Decimal("3")
+    assert meter_balance_get(meter_no="METER001") == Decimal("10.3")
+    histories = {h.reg_id: h for h in RegisterHistory.objects.filter(meter=meter)}
+    assert histories[""].high_kwh == Decimal("500") and not histories[""].current and histories[""].closed_at
+    assert histories["~1"].current and histories["~1"].review == "pending"
+    assert StatusEvent.objects.filter(meter=meter, status="register_reset").count() == 1
+    # Billing goes on in the provisional history.
+    ingest_batch([consumption("METER001", 0.3, energy=3.3, ts=30005)], client_id="t")
+    assert meter_balance_get(meter_no="METER001") == Decimal("10.0")
+    # A late report of the old register is accounted in the old history: inside its range, nothing.
+    ingest_batch([consumption("METER001", 0.05, seq=9, energy=499.95)], client_id="t")
+    assert meter_balance_get(meter_no="METER001") == Decimal("10.0")
+    assert Reading.objects.get(seq=9).reg_id == "" and Meter.objects.get(meter_no="METER001").reg_id == "~1"
 
 
 def test_time_unknown_timestamps_are_placed_at_receipt(meter001):

@@ -76,7 +76,9 @@ def assert_exactly_once(fleet: Fleet) -> None:
     except AssertionError:
         raise AssertionError(f"{first_copies()} of {len(fleet.messages)} reports committed") from None
     assert debited() == fleet.expected_debit
-    assert LedgerEntry.objects.filter(kind="consumption_debit").count() == len(fleet.messages)
+    # One entry per report at most: a register report redelivered after a later one is covered by
+    # the later one's delta (it debits nothing), so after an outage there may be fewer.
+    assert LedgerEntry.objects.filter(kind="consumption_debit").count() <= len(fleet.messages)
     assert ledger_mismatches() == []
     call_command("ledger_check")
 

@@ -7,6 +7,8 @@ without changing its shape or types.
 # ruff: noqa: E501  (the reference payloads are kept verbatim, line breaks included)
 
 import json
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 STK_SUCCESS = """{"Body": {"stkCallback": {"MerchantRequestID": "29115-34620561-1", "CheckoutRequestID": "ws_CO_191220191020363925",
   "ResultCode": 0, "ResultDesc": "The service request is processed successfully.",
@@ -53,6 +55,9 @@ def stk_failure_for(payment, *, code: int, desc: str) -> str:
     return text.replace('"ResultCode": 1032', f'"ResultCode": {code}').replace("Request cancelled by user", desc)
 
 
-def c2b_request(*, trans_id: str = "RKL51ZDR4F", amount: str = "5.00", bill_ref: str = "METER001") -> str:
+def c2b_request(*, trans_id: str = "RKL51ZDR4F", amount: str = "5.00", bill_ref: str = "METER001",
+                trans_time: datetime | None = None) -> str:
+    """The reference confirmation, re-addressed; TransTime is now (EAT) unless given."""
     text = C2B_REQUEST.replace("RKL51ZDR4F", trans_id).replace('"TransAmount": "5.00"', f'"TransAmount": {json.dumps(amount)}')
-    return text.replace('"METER001"', json.dumps(bill_ref))
+    when = (trans_time or datetime.now(UTC)).astimezone(ZoneInfo("Africa/Nairobi")).strftime("%Y%m%d%H%M%S")
+    return text.replace('"METER001"', json.dumps(bill_ref)).replace('"20231121121325"', json.dumps(when))

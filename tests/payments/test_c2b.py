@@ -66,9 +66,8 @@ def test_confirmation_credits_once_even_if_it_arrives_twice(client, alice_meter)
     assert payment.units_kwh == Decimal("2") and payment.command == MeterCommand.objects.get()
     assert LedgerEntry.objects.get().idempotency_key == "mpesa:RKL51ZDR4F"
     assert meter_balance_get(meter_no="METER-A1") == Decimal("2")
-    assert list(Callback.objects.order_by("id").values_list("outcome", flat=True)) == [
-        "credited 2.000000 kWh to METER-A1", "duplicate: already credited",
-    ]
+    outcomes = list(Callback.objects.order_by("id").values_list("outcome", flat=True))
+    assert outcomes == ["credited 2.000000 kWh to METER-A1", f"duplicate: receipt already recorded (payment {payment.pk})"]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -98,8 +97,11 @@ def test_a_confirmation_for_an_unknown_meter_is_kept_for_staff_and_credits_nothi
     response = post(client, CONFIRMATION, C2B_REQUEST)
     assert response.json() == {"ResultCode": 0, "ResultDesc": "Success"}  # Daraja must not resend
     callback = Callback.objects.get()
-    assert callback.status == CallbackStatus.REFUSED and "refund or assign by hand" in callback.error
-    assert Payment.objects.count() == 0 and LedgerEntry.objects.count() == 0
+    assert callback.status == CallbackStatus.PROCESSED and callback.outcome == "kept for staff review"
+    kept = callback.payment
+    assert (kept.status, kept.meter, kept.c2b_trans_id, kept.amount_kes) == (
+        PaymentStatus.NEEDS_REVIEW, None, "RKL51ZDR4F", Decimal("5.00"))
+    assert "unknown account number 'METER001'" in kept.review_reason and LedgerEntry.objects.count() == 0
 
 
 @pytest.mark.django_db
@@ -128,7 +130,7 @@ def test_paybill_through_the_fake_daraja(fake_daraja, live_server, alice_meter, 
     assert registered["validation"] == f"{live_server.url}{VALIDATION}"
 
     for bill_ref, trans_id in (("NO-SUCH-METER", "RKL51ZDR4A"), ("METER-A1", "RKL51ZDR4B")):
-        daraja._post("/mpesa/c2b/v1/simulate", {
+        daraja._request("/mpesa/c2b/v1/simulate", {
             "ShortCode": settings.MPESA_SHORTCODE, "CommandID": "CustomerPayBillOnline", "Amount": "75",
             "Msisdn": "254708374149", "BillRefNumber": bill_ref, "TransID": trans_id,
         })
@@ -136,5 +138,7 @@ def test_paybill_through_the_fake_daraja(fake_daraja, live_server, alice_meter, 
     deliveries = fake_daraja.state()["deliveries"]
     rejected = [d for d in deliveries if d["ref"] == "RKL51ZDR4A"]
     assert [(d["kind"], d["reply"]["ResultCode"]) for d in rejected] == [("c2b_validation", "C2B00012")]
-    assert Payment.objects.get().c2b_trans_id == "RKL51ZDR4B"
-    assert meter_balance_get(meter_no="METER-A1") == Decimal("3")
+    credited = Payment.objects.get(status=PaymentStatus.SUCCEEDED)
+    assert credited.c2b_trans_id == "RKL51ZDR4B" and meter_balance_get(meter_no="METER-A1") == Decimal("3")
+    # The payment to the unknown account was refused at validation: no money moved, nothing kept.
+    assert Payment.objects.count() == 1

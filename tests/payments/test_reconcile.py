@@ -38,7 +38,8 @@ def test_a_missing_success_callback_is_resolved_by_query(push, fake_daraja):
     assert counts == {"queried": 1, "settled": 1, "to_review": 0}
     payment.refresh_from_db()
     assert payment.status == PaymentStatus.SUCCEEDED and payment.units_kwh == Decimal("4") and payment.query_attempts == 1
-    assert LedgerEntry.objects.get().idempotency_key == f"mpesa:{payment.checkout_request_id}"
+    assert LedgerEntry.objects.get().idempotency_key == f"mpesa:checkout:{payment.checkout_request_id}"
+    assert payment.paid_via == "query"
     assert payment.command == MeterCommand.objects.get() and payment.mpesa_receipt is None
     # The callback that finally arrives records the receipt and credits nothing more.
     Client().post("/payments/callbacks/stk/test-callback-secret/", data=stk_success_for(payment),
@@ -113,10 +114,12 @@ def test_settled_payments_are_not_queried(push, fake_daraja):
 
 def test_a_push_that_never_got_a_checkout_id_goes_to_review(push, fake_daraja):
     payment = push("hold")
-    Payment.objects.filter(pk=payment.pk).update(checkout_request_id=None, created_at=timezone.now() - timedelta(minutes=10))
+    Payment.objects.filter(pk=payment.pk).update(
+        checkout_request_id=None, created_at=timezone.now() - timedelta(seconds=services.CHECKING_REVIEW_AFTER_S + 60)
+    )
     assert services.payments_reconcile()["to_review"] == 1
     payment.refresh_from_db()
-    assert payment.status == PaymentStatus.NEEDS_REVIEW and "never acknowledged" in payment.staff_note
+    assert payment.status == PaymentStatus.NEEDS_REVIEW and "never answered the push request" in payment.staff_note
 
 
 def test_a_late_success_callback_credits_a_payment_in_review(push, monkeypatch):

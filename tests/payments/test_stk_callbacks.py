@@ -126,11 +126,14 @@ def test_failures_credit_nothing(client, pending, code, desc, status):
     assert payment.status == status and payment.result_code == str(code) and payment.result_desc == desc
     assert payment.resolved_at is not None and payment.units_kwh is None
     assert LedgerEntry.objects.count() == 0 and MeterCommand.objects.count() == 0
-    # A success arriving after the failure does not credit either: staff look at it.
+    # A success arriving after the failure carries a receipt: the money was taken, so it is
+    # credited (once), and the audit trail says it came late.
     post(client, stk_success_for(pending, receipt="LATE000001"))
     payment.refresh_from_db()
-    assert payment.status == PaymentStatus.NEEDS_REVIEW and LedgerEntry.objects.count() == 0
+    assert payment.status == PaymentStatus.SUCCEEDED and payment.paid_via == "callback"
+    assert LedgerEntry.objects.get().idempotency_key == "mpesa:LATE000001"
     assert payment.mpesa_receipt == "LATE000001" and "after the payment was" in payment.staff_note
+    assert payment.audit.get().action == "late_success"
 
 
 @pytest.mark.django_db
@@ -160,21 +163,30 @@ def test_a_wrong_secret_is_refused_and_nothing_is_stored(client, pending, secret
 
 
 @pytest.mark.django_db
-def test_an_unknown_checkout_request_id_is_refused(client, pending):
+def test_a_success_for_an_unknown_checkout_request_id_is_money_kept_for_staff(client, pending):
     response = post(client, STK_SUCCESS)  # the reference payload names ws_CO_191220191020363925
-    assert response.status_code == 200
+    assert response.json() == {"ResultCode": 0, "ResultDesc": "Accepted"}
     callback = Callback.objects.get()
-    assert callback.status == CallbackStatus.REFUSED and "unknown CheckoutRequestID" in callback.error
-    assert LedgerEntry.objects.count() == 0 and Payment.objects.get().status == PaymentStatus.PENDING
+    assert callback.status == CallbackStatus.PROCESSED and "kept for staff review" in callback.outcome
+    kept = callback.payment
+    assert (kept.status, kept.meter, kept.mpesa_receipt, kept.amount_kes) == (
+        PaymentStatus.NEEDS_REVIEW, None, "NLJ7RT61SV", Decimal("1.00"))
+    assert "unknown CheckoutRequestID" in kept.review_reason and kept.phone == "254708374149"
+    assert LedgerEntry.objects.count() == 0 and Payment.objects.get(pk=pending.pk).status == PaymentStatus.PENDING
+    # The same callback again is the same money: recorded once.
+    post(client, STK_SUCCESS)
+    assert Payment.objects.count() == 2 and "duplicate" in Callback.objects.order_by("-id").first().outcome
 
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("amount", ["1.00", "99.00", "100.01", "1000.00"])
-def test_a_different_amount_is_refused(client, pending, amount):
+def test_a_different_amount_is_not_credited_but_kept_for_staff(client, pending, amount):
     post(client, stk_success_for(pending, amount=amount))
     callback = Callback.objects.get()
-    assert callback.status == CallbackStatus.REFUSED and "differs from the KES 100.00 requested" in callback.error
-    assert LedgerEntry.objects.count() == 0 and Payment.objects.get().status == PaymentStatus.PENDING
+    assert callback.status == CallbackStatus.PROCESSED and "differs from the KES 100.00 requested" in callback.outcome
+    assert LedgerEntry.objects.count() == 0 and Payment.objects.get(pk=pending.pk).status == PaymentStatus.PENDING
+    kept = Payment.objects.exclude(pk=pending.pk).get()
+    assert kept.status == PaymentStatus.NEEDS_REVIEW and kept.amount_kes == Decimal(amount) and kept.meter == pending.meter
 
 
 @pytest.mark.django_db
@@ -199,11 +211,11 @@ def test_a_receipt_already_used_by_another_payment_is_refused(client, fake_daraj
         '{"Body": {"stkCallback": {"CheckoutRequestID": "ws_CO_x", "ResultCode": null}}}',
     ],
 )
-def test_garbage_is_stored_raw_and_refused(client, pending, body):
+def test_garbage_is_stored_raw_and_marked_failed_with_its_error(client, pending, body):
     assert post(client, body).status_code == 200
     callback = Callback.objects.get()
-    assert callback.body == body and callback.status == CallbackStatus.REFUSED
-    assert callback.error.startswith("not an STK callback")
+    assert callback.body == body and callback.status == CallbackStatus.FAILED
+    assert callback.error.startswith("unreadable body")
     assert LedgerEntry.objects.count() == 0
 
 

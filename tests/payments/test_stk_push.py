@@ -92,26 +92,48 @@ def test_keys_are_per_user(fake_daraja, alice_meter, bob_meter):
     assert mine.pk != theirs.pk
 
 
-@pytest.mark.parametrize(
-    "failure, error_class, code",
-    [
-        ({"status": 503}, MpesaUnavailable, "mpesa_unavailable"),
-        ({"status": 500, "body": {"requestId": "1", "errorCode": "500.003.02", "errorMessage": "System busy"}},
-         MpesaUnavailable, "mpesa_unavailable"),
-        ({"status": 400,
-          "body": {"requestId": "1", "errorCode": "400.002.02", "errorMessage": "Bad Request - Invalid PhoneNumber"}},
-         MpesaRefused, "mpesa_refused"),
-    ],
-)
-def test_daraja_failure_marks_the_payment_failed_and_frees_the_meter(fake_daraja, alice_meter, failure, error_class, code):
-    fake_daraja.control("fail", endpoint="stkpush", **failure)
-    with pytest.raises(error_class) as error:
+def test_an_explicit_refusal_marks_the_payment_failed_and_frees_the_meter(fake_daraja, alice_meter):
+    fake_daraja.control("fail", endpoint="stkpush", status=400, body={
+        "requestId": "1", "errorCode": "400.002.02", "errorMessage": "Bad Request - Invalid PhoneNumber"})
+    with pytest.raises(MpesaRefused) as error:
         start(alice_meter.owner.user)
-    assert error.value.code == code and error.value.http_status in (502, 503)
+    assert error.value.code == "mpesa_refused" and error.value.http_status == 502
     failed = Payment.objects.get()
     assert failed.status == PaymentStatus.FAILED and failed.resolved_at is not None and failed.result_desc
     # The meter is free for the next attempt.
     assert start(alice_meter.owner.user).status == PaymentStatus.PENDING
+
+
+def test_no_connection_at_all_fails_and_nothing_was_started(fake_daraja, alice_meter, settings):
+    settings.MPESA_BASE_URL = "http://127.0.0.1:9"  # nothing listens: the request never left
+    with pytest.raises(MpesaUnavailable) as error:
+        start(alice_meter.owner.user)
+    assert error.value.http_status == 503 and Payment.objects.get().status == PaymentStatus.FAILED
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        {"status": 503},
+        {"status": 500, "body": {"requestId": "1", "errorCode": "500.003.02", "errorMessage": "System busy"}},
+    ],
+)
+def test_a_5xx_answer_is_no_proof_nothing_happened_so_the_payment_is_checking(fake_daraja, alice_meter, failure):
+    fake_daraja.control("fail", endpoint="stkpush", **failure)
+    payment = start(alice_meter.owner.user)
+    assert payment.status == PaymentStatus.CHECKING and payment.resolved_at is None and "checking" in payment.result_desc
+    assert payment.checkout_request_id is None
+    # Not pending: the meter is free for another push meanwhile.
+    assert start(alice_meter.owner.user).status == PaymentStatus.PENDING
+
+
+@pytest.mark.parametrize("answer", ["drop", "503"])
+def test_a_push_accepted_by_safaricom_whose_answer_is_lost_is_checking_not_failed(fake_daraja, alice_meter, answer):
+    """Finding 2: the push request fails after Safaricom accepted it; the customer is prompted."""
+    fake_daraja.control("next", outcome="hold", answer=answer)
+    payment = start(alice_meter.owner.user)
+    assert payment.status == PaymentStatus.CHECKING and payment.checkout_request_id is None
+    assert len(fake_daraja.state()["transactions"]) == 1  # Safaricom did accept it
 
 
 def test_units_round_down_and_the_remainder_is_kept(db):
