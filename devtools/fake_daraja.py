@@ -25,6 +25,9 @@ also arrives as a C2B confirmation (`c2b`), as daraja.md describes:
   c2b:    "before" | "after" the STK callback: a C2B confirmation with TransID = the receipt and
           BillRefNumber = the AccountReference goes to the registered confirmation URL too; or
           "held" (only when a test asks: POST /__fake__/deliver-c2b).
+  deliver: false: the fake delivers no callback itself (the caller builds the bodies with
+          stk_callback_body and c2b_confirmation_body and delivers them as it likes); the query
+          still answers the outcome.
 
 Until the delay has passed the STK query answers "The transaction is being processed" (HTTP 500,
 500.001.1001), as Daraja does. Control endpoints (JSON, no auth; never expose this server):
@@ -205,7 +208,7 @@ class FakeDaraja:
                 "c2b": plan.get("c2b"),
             }
             self.transactions[checkout_id] = transaction
-        if outcome != "hold":
+        if outcome != "hold" and plan.get("deliver", True):
             self._later(delay, self._deliver_stk, transaction)
         return 200, {
             "MerchantRequestID": merchant_id,

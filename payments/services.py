@@ -181,6 +181,8 @@ def _same_money_locked(payment: Payment, *, primary: Payment, via: str) -> None:
     payment.status = PaymentStatus.SUCCEEDED
     payment.paid_via = via
     payment.same_money_as = primary
+    if payment.meter_id is None:  # money kept for staff that named no meter: it is the primary's
+        payment.meter_id = primary.meter_id
     payment.ledger_entry = primary.ledger_entry
     payment.units_kwh = primary.units_kwh
     payment.kes_per_kwh = primary.kes_per_kwh

@@ -177,6 +177,12 @@ def _reset_suspected(state: MeterState, history: History, report: ConsumptionRep
     energy = report.energy_total_kwh
     if energy is None or history.floor is None or history.high is None:
         return ""
+    if (
+        report.time_trusted and history.high_at_ms is not None
+        and report.timestamp_ms > history.high_at_ms + BOUND_SLACK_MS and energy < history.high - REGISTER_TOLERANCE_KWH
+    ):
+        # A register never goes back while the meter's clock goes forward: this one started again.
+        return f"register {energy} kWh at a later time than the accounted {history.high} kWh"
     start = energy - report.units_consumed_kwh
     if energy >= history.floor - REGISTER_TOLERANCE_KWH or start >= history.floor - REGISTER_TOLERANCE_KWH:
         return ""
