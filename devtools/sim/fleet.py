@@ -24,7 +24,7 @@ Faults (rates are probabilities per meter, or per connection for drops, per repo
   reports in the ring, and replay them oldest-first when paho has reconnected `outage_s` later.
 - duplicate: a consumption report is published twice (the backend must flag the second copy).
 - register reset: the PZEM's own energy register restarts from 0; the core ignores the
-  negative delta and re-baselines (the meter's energyTotal never goes back).
+  negative delta and re-baselines (the meter's energyTotal never goes back, its regId stays).
 - garbage: a malformed payload on one of the meter's report topics (the worker dead-letters it).
 """
 
@@ -57,6 +57,8 @@ from devtools.sim.meter_core import (
     MeterConfig,
     MeterCore,
     ReportBuffer,
+    StateRecord,
+    encode_state,
     round6,
 )
 
@@ -84,11 +86,14 @@ class Broker:
 @dataclass(frozen=True)
 class Resume:
     """Where a meter's flash left off (for meters the backend already knows): the register and
-    balance in NVS and the first seq the next boot may use."""
+    balance in NVS, the first seq the next boot may use, and the register history they belong
+    to. Without reg_id the flash is the layout of firmware before register histories: the meter
+    keeps the register and draws a new regId (a new history for the backend)."""
 
     energy_total: float
     balance: float
     next_seq: int
+    reg_id: str | None = None
 
 
 @dataclass
@@ -162,7 +167,11 @@ class SimMeter:
         self.buffer = ReportBuffer(options.buffer_capacity)
         resume = options.resume.get(meter_no)
         if resume is not None:
-            self.kv.put(KEY_STATE, struct.pack("<dd", resume.energy_total, resume.balance))
+            if resume.reg_id is None:
+                self.kv.put(KEY_STATE, struct.pack("<dd", resume.energy_total, resume.balance))
+            else:
+                state = StateRecord(reg_id=resume.reg_id, energy_total=resume.energy_total, balance=resume.balance)
+                self.kv.put(KEY_STATE, encode_state(state))
             self.kv.put(KEY_SEQ, struct.pack("<Q", resume.next_seq))
         self.relay_closed = False
         # The PZEM-004T's own register (Wh resolution) and the household behind the relay.
@@ -185,6 +194,7 @@ class SimMeter:
             lambda topic, payload, qos, retain: publish(self, topic, payload, qos, retain),
             self._set_relay,
             self.read_register,
+            random32=lambda: rng.getrandbits(32),
         )
         self.core.set_wifi_rssi(-rng.randint(45, 85))
         if options.speed == 1:

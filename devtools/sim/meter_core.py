@@ -1,8 +1,10 @@
 """Pure-Python port of the ESP32 meter core (firmware/core/src/meter_core.cpp).
 
 The simulator must behave like the device, so this is a line-by-line port of the same state
-machine: billing on register deltas, local balance with energyTotal reconciliation, relay
-policy, reports with seq/energyTotal, the offline buffer, persistence (at every report) and status.
+machine: billing on register deltas (capped at the rated power, and across reboots from the
+sensor register saved with the state), local balance with energyTotal reconciliation within a
+register history (regId), relay policy, reports with seq/energyTotal/regId, the report ring,
+persistence and status.
 Floats are used on purpose: the device computes in IEEE double, and the same operations in the
 same order give bit-identical results, which firmware/trace/ and tests/simulator/test_contract.py
 check. This module is a device model, not accounting: the backend's ledger uses Decimal.
@@ -16,8 +18,9 @@ from __future__ import annotations
 import enum
 import json
 import math
+import secrets
 import struct
-from collections import deque
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -31,10 +34,24 @@ MAX_NUMBER_CHARS = 63  # firmware strict_json.cpp kMaxNumberChars
 U32 = 0xFFFFFFFF
 
 KEY_SEQ = "seq"  # u64 LE: first seq the next boot may use
-KEY_STATE = "state"  # f64 LE energyTotal, f64 LE balance
+KEY_STATE = "state"  # encode_state() (46 bytes); 16 bytes (f64 energyTotal, f64 balance) before regId
 KEY_RELAY = "relay"  # u8 RelayOverride
 
+MAX_REG_ID_BYTES = 16  # PROTOCOL.md: 1-16 of [A-Za-z0-9_-]
+OWN_REG_ID_CHARS = 8  # what the firmware draws: 48 random bits
+REG_ID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+MAX_PACKED_SEQ = (1 << 40) - 1  # the report ring's record stores seq in 40 bits
+MAX_PACKED_TIMESTAMP = (1 << 48) - 1  # and the timestamp in 48
+STATE_RECORD_BYTES = 46
+REGISTER_STEP_KWH = 0.001  # one PZEM register step, allowed on top of the rated-power cap
+
 MSG_ONLINE = "Device operating normally"
+# Status messages of events (firmware meter_core.h, PROTOCOL-ext.md).
+MSG_REG_ID_MISMATCH = "Balance command for another register history: energyTotal not applied"
+MSG_REGISTER_AHEAD = "Balance command energyTotal is ahead of this meter's register: not applied"
+MSG_OVER_RATED = "Energy register advanced faster than the rated power: excess not billed"
+MSG_STATE_UNREADABLE = "Stored state unreadable: new register history"
+MSG_STATE_FROM_LOG = "Stored state missing or unreadable: resumed from the report log"
 
 
 def elapsed_ms(now: int, since: int) -> int:
@@ -72,6 +89,9 @@ class MeterConfig:
     seq_block: int = 64
     replay_batch: int = 20
     low_balance_threshold: float = 1.0
+    rated_max_kw: float = 18.4  # 80 A x 230 V: a sample's delta above this x its span is not billed
+    boot_gap_ms: int = 120000  # what the first reading after a boot may cover beyond the uptime
+    register_tolerance_kwh: float = 0.01  # a command without regId: energyTotal at most this far ahead
 
 
 @dataclass(frozen=True)
@@ -90,6 +110,15 @@ class Report:
     remaining_balance: float
     total_consumed: float
     energy_total: float
+    reg_id: str = ""  # "" only for a record of firmware before register histories
+
+
+@dataclass(frozen=True)
+class ReportMeta:
+    """What a logged report carries besides its payload (firmware payloads.h ReportMeta)."""
+
+    relay_override: int = 0
+    raw_chained: bool = False  # the sensor register was followed without a break since the state write
 
 
 @dataclass(frozen=True)
@@ -97,6 +126,73 @@ class BalanceCommand:
     balance: float
     energy_total: float | None
     cmd_id: str  # "" when absent or unusable
+    reg_id: str = ""  # "" when absent
+
+
+@dataclass
+class StateRecord:
+    """The persisted state (firmware meter_core.h StateRecord)."""
+
+    reg_id: str = ""
+    energy_total: float = 0.0
+    balance: float = 0.0
+    have_raw: bool = False
+    raw_kwh: float = 0.0
+    unbilled_kwh: float = 0.0
+
+
+def valid_reg_id(reg_id: str) -> bool:
+    return 0 < len(reg_id) <= MAX_REG_ID_BYTES and all(c in REG_ID_ALPHABET for c in reg_id)
+
+
+def _plausible_state(s: StateRecord) -> bool:
+    finite = all(math.isfinite(x) for x in (s.energy_total, s.balance, s.raw_kwh, s.unbilled_kwh))
+    return (
+        finite
+        and 0 <= s.energy_total <= MAX_ENERGY_TOTAL
+        and abs(s.balance) <= MAX_ABS_BALANCE + MAX_ENERGY_TOTAL
+        and 0 <= s.raw_kwh <= MAX_ENERGY_TOTAL
+        and 0 <= s.unbilled_kwh <= MAX_ENERGY_TOTAL
+    )
+
+
+def encode_state(s: StateRecord) -> bytes:
+    """Version 2 of the state record: the layout of firmware encodeState()."""
+    body = (
+        bytes([2, 1 if s.have_raw else 0])
+        + s.reg_id.encode("ascii")[:OWN_REG_ID_CHARS].ljust(OWN_REG_ID_CHARS, b"\x00")
+        + struct.pack("<dddd", s.energy_total, s.balance, s.raw_kwh, s.unbilled_kwh)
+    )
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def decode_state(raw: bytes | None) -> StateRecord | None:
+    if raw is None or len(raw) != STATE_RECORD_BYTES or raw[0] != 2 or raw[1] > 1:
+        return None
+    if zlib.crc32(raw[:-4]) != struct.unpack("<I", raw[-4:])[0]:
+        return None
+    reg_id = raw[2:10].decode("latin-1")
+    energy_total, balance, raw_kwh, unbilled = struct.unpack("<dddd", raw[10:42])
+    s = StateRecord(reg_id, energy_total, balance, raw[1] == 1, raw_kwh, unbilled)
+    if not valid_reg_id(reg_id) or not _plausible_state(s):
+        return None
+    return s
+
+
+class XorShift32:
+    """xorshift32, the same sequence as the firmware's host fake XorShiftRandom: a regId drawn
+    in a trace is the same on both sides. Call the instance for the next 32-bit number."""
+
+    def __init__(self, seed: int = 1) -> None:
+        self._x = (seed & U32) or 1
+
+    def __call__(self) -> int:
+        x = self._x
+        x ^= (x << 13) & U32
+        x ^= x >> 17
+        x ^= (x << 5) & U32
+        self._x = x
+        return x
 
 
 @dataclass(frozen=True)
@@ -159,33 +255,92 @@ class MemoryKvStore:
     def writes(self, key: str) -> int:
         return self._writes.get(key, 0)
 
+    def total_writes(self) -> int:
+        return sum(self._writes.values())
+
+    def wipe(self) -> None:
+        """The whole partition erased (Arduino's initArduino erases NVS on NO_FREE_PAGES)."""
+        self._data.clear()
+
+    def corrupt(self, key: str) -> None:
+        """A stored value damaged in place (the firmware host fake MemKv::corrupt)."""
+        value = self._data.get(key)
+        if value:
+            b = bytearray(value)
+            b[len(b) // 2] ^= 0x5A
+            self._data[key] = bytes(b)
+
+
+@dataclass
+class _Slot:
+    key: int
+    report: Report
+    meta: ReportMeta
+    consumed: bool = False
+
 
 class ReportBuffer:
-    """The offline report ring: FIFO, and when full the oldest report is dropped (the newest
-    carries the whole energy register, so it matters most). Same capacity rule as the
-    firmware's FlashRing with one slot per sector."""
+    """The report ring (firmware FlashRing with one slot per sector): `capacity` slots written
+    round-robin, a record pending until consumed (in any order); appending into a slot whose
+    record is still pending drops that record (the newest reports matter most: each carries the
+    whole register). Keys are the records' counters, as in the firmware."""
 
     def __init__(self, capacity: int = 64) -> None:
-        self._items: deque[Report] = deque(maxlen=max(capacity, 1))
-        self._newest: Report | None = None
+        self.capacity = max(capacity, 1)
+        self._slots: list[_Slot | None] = [None] * self.capacity
+        self._write = 0
+        self._next_key = 1
+        self._newest: _Slot | None = None
+        self.dropped = 0
 
-    def append(self, report: Report) -> None:
-        self._items.append(report)
-        self._newest = report
+    def append(self, report: Report, meta: ReportMeta | None = None) -> int:
+        old = self._slots[self._write]
+        if old is not None and not old.consumed:
+            self.dropped += 1
+        slot = _Slot(self._next_key, report, meta or ReportMeta())
+        self._slots[self._write] = slot
+        self._write = (self._write + 1) % self.capacity
+        self._next_key += 1
+        self._newest = slot
+        return slot.key
 
-    def peek_newest(self) -> Report | None:
-        """The newest report ever appended, replayed or not (FlashRing::peekNewest: consumed
-        records stay in flash until their sector is reused, and the newest one is reused last)."""
-        return self._newest
+    def _pending(self) -> list[_Slot]:
+        return sorted((s for s in self._slots if s is not None and not s.consumed), key=lambda s: s.key)
+
+    def peek_at(self, index: int) -> tuple[int, Report, ReportMeta] | None:
+        pending = self._pending()
+        if index >= len(pending):
+            return None
+        s = pending[index]
+        return s.key, s.report, s.meta
+
+    def consume(self, key: int) -> bool:
+        for s in self._slots:
+            if s is not None and s.key == key and not s.consumed:
+                s.consumed = True
+                return True
+        return False
+
+    def peek_newest(self) -> tuple[Report, ReportMeta] | None:
+        """The newest record, consumed or not (FlashRing::peekNewest: consumed records stay in
+        flash until their sector is reused, and the newest one is reused last)."""
+        return None if self._newest is None else (self._newest.report, self._newest.meta)
 
     def peek_oldest(self) -> Report | None:
-        return self._items[0] if self._items else None
+        first = self.peek_at(0)
+        return None if first is None else first[1]
 
     def pop_oldest(self) -> None:
-        self._items.popleft()
+        first = self.peek_at(0)
+        if first is not None:
+            self.consume(first[0])
+
+    def wipe(self) -> None:
+        """The partition erased (a new board, or esptool erase_flash)."""
+        self.__init__(self.capacity)
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._pending())
 
 
 # ---- payloads ---------------------------------------------------------------------------------
@@ -196,16 +351,27 @@ def _dumps(obj: dict) -> str:
 
 
 def encode_report(meter_no: str, r: Report) -> str:
-    return _dumps(
-        {
-            "meterNo": meter_no,
-            "unitsConsumed": round6(r.units_consumed),
-            "remainingBalance": round6(r.remaining_balance),
-            "totalConsumed": round6(r.total_consumed),
-            "timestamp": r.timestamp,
-            "seq": r.seq,
-            "energyTotal": round6(r.energy_total),
-        }
+    out = {
+        "meterNo": meter_no,
+        "unitsConsumed": round6(r.units_consumed),
+        "remainingBalance": round6(r.remaining_balance),
+        "totalConsumed": round6(r.total_consumed),
+        "timestamp": r.timestamp,
+        "seq": r.seq,
+        "energyTotal": round6(r.energy_total),
+    }
+    if r.reg_id:
+        out["regId"] = r.reg_id
+    return _dumps(out)
+
+
+def packable(r: Report) -> bool:
+    """Whether the firmware's ring record format can hold the report (payloads.cpp packReport)."""
+    return (
+        r.seq <= MAX_PACKED_SEQ
+        and r.timestamp <= MAX_PACKED_TIMESTAMP
+        and len(r.reg_id) == OWN_REG_ID_CHARS
+        and valid_reg_id(r.reg_id)
     )
 
 
@@ -221,6 +387,8 @@ def encode_status(
     fw: str,
     uptime_s: int,
     reset_reason: str,
+    reg_id: str = "",
+    unbilled_kwh: float = 0.0,
     cmd_id: str = "",
 ) -> str:
     out = {
@@ -234,14 +402,16 @@ def encode_status(
         "fw": fw,
         "uptime": uptime_s,
         "resetReason": reset_reason,
+        "regId": reg_id,
+        "unbilledKwh": round6(unbilled_kwh),
     }
     if cmd_id:
         out["cmdId"] = cmd_id
     return _dumps(out)
 
 
-def encode_balance_report(meter_no: str, balance: float, timestamp: int, cmd_id: str) -> str:
-    out = {"meterNo": meter_no, "balance": round6(balance), "timestamp": timestamp}
+def encode_balance_report(meter_no: str, balance: float, timestamp: int, reg_id: str, cmd_id: str) -> str:
+    out = {"meterNo": meter_no, "balance": round6(balance), "timestamp": timestamp, "regId": reg_id}
     if cmd_id:
         out["cmdId"] = cmd_id
     return _dumps(out)
@@ -340,7 +510,14 @@ def decode_balance_command(payload) -> BalanceCommand | None:
         if not _is_number(et) or not math.isfinite(et) or et < 0 or et > MAX_ENERGY_TOTAL:
             return None
         energy_total = et
-    return BalanceCommand(balance=bal, energy_total=energy_total, cmd_id=_cmd_id(obj))
+    reg_id = ""
+    if "regId" in obj:
+        # Like energyTotal: present but unusable rejects the command (whose register is it?).
+        rid = obj["regId"]
+        if not isinstance(rid, str) or not valid_reg_id(_c_str(rid)):
+            return None
+        reg_id = _c_str(rid)
+    return BalanceCommand(balance=bal, energy_total=energy_total, cmd_id=_cmd_id(obj), reg_id=reg_id)
 
 
 def decode_relay_command(payload) -> RelayCommand | None:
@@ -372,9 +549,13 @@ class MeterCore:
     """One meter. Call begin() once, then loop() at least every sample_interval_ms, and
     on_connected() / on_disconnected() / on_message() as the transport reports them.
 
-    publish(topic, payload, qos, retain) -> bool: True when the transport took the message.
+    publish(topic, payload, qos, retain): the transport. It returns a message id (int > 0) for a
+    QoS 1 message it took, 0 for a QoS 0 message it took, -1 (or False) when it refused; True
+    means "taken" (kept for transports written before message ids).
     set_relay(closed): called when the relay must change (and once at begin()).
     read_energy() -> float | None: the sensor's energy register in kWh, None when it fails.
+    random32() -> int: uniform 32-bit numbers, for drawing regIds (default: the OS's generator;
+    pass XorShift32(seed) or random.Random(seed).getrandbits-like callables for repeatable runs).
     """
 
     def __init__(
@@ -383,22 +564,30 @@ class MeterCore:
         clock: Clock,
         kv: MemoryKvStore,
         buffer: ReportBuffer,
-        publish: Callable[[str, str, int, bool], bool],
+        publish: Callable[[str, str, int, bool], int | bool],
         set_relay: Callable[[bool], None],
         read_energy: Callable[[], float | None],
         reset_reason: str = "poweron",
+        *,
+        random32: Callable[[], int] | None = None,
     ) -> None:
         self.config = config
         self._clock = clock
         self._kv = kv
         self._buffer = buffer
-        self._publish = publish
+        self._publish_raw = publish
         self._set_relay = set_relay
         self._read_energy = read_energy
+        self._random32 = random32 if random32 is not None else (lambda: secrets.randbits(32))
         self.reset_reason = reset_reason
         # Zero would stall seq reservation or replay forever.
         self._seq_block = max(config.seq_block, 1)
         self._replay_batch = max(config.replay_batch, 1)
+        # A non-positive or non-finite rating would bill nothing at all.
+        rated = config.rated_max_kw
+        self._rated_max_kw = rated if (rated > 0 and rated <= 1e6) else MeterConfig().rated_max_kw
+        tol = config.register_tolerance_kwh
+        self._tolerance = tol if (tol >= 0 and tol <= 1) else MeterConfig().register_tolerance_kwh
 
         self._last_millis = clock.millis()
         self._uptime_ms = 0
@@ -408,9 +597,14 @@ class MeterCore:
         self.energy_total = 0.0
         self.session_total = 0.0
         self._interval_units = 0.0
+        self.reg_id = ""
+        self.unbilled_kwh = 0.0
 
         self._have_baseline = False
         self._baseline = 0.0
+        self._baseline_at_ms = 0
+        self._baseline_gap_ms = 0
+        self._raw_chained = False
         self._sampled_once = False
         self._last_sample_ms = 0
         self._sensor_failing = False
@@ -426,6 +620,9 @@ class MeterCore:
         self._last_report_ms = 0
         self._last_persist_ms = 0
         self._state_dirty = False
+
+        self._pending_notice = ""
+        self._over_rated_pending = False
 
         self.connected = False
         self._published_condition = "online"
@@ -449,29 +646,122 @@ class MeterCore:
     def uptime_ms(self) -> int:
         return self._uptime_ms
 
+    def _publish(self, topic: str, payload: str, qos: int, retain: bool) -> int:
+        """The transport's answer as the firmware's Publisher::publish: id, 0, or -1."""
+        r = self._publish_raw(topic, payload, qos, retain)
+        if isinstance(r, bool):
+            return (1 if qos > 0 else 0) if r else -1
+        return int(r)
+
     # -- lifecycle --
 
-    def begin(self) -> None:
-        t = self._now()
-        raw = self._kv.get(KEY_SEQ)
-        if raw is not None and len(raw) == 8:
-            self.next_seq = struct.unpack("<Q", raw)[0]
-        # Reserve a block so that a reboot resumes above every seq this boot can send.
-        self._seq_ceiling = self.next_seq + self._seq_block
-        self._kv.put(KEY_SEQ, struct.pack("<Q", self._seq_ceiling))
+    def _draw_reg_id(self) -> str:
+        return "".join(REG_ID_ALPHABET[self._random32() % 64] for _ in range(OWN_REG_ID_CHARS))
+
+    def _restore_state(self) -> None:
         raw = self._kv.get(KEY_STATE)
-        if raw is not None and len(raw) == 16:
-            self.energy_total, self.balance = struct.unpack("<dd", raw)
-        # The register on the wire must never step backwards (the backend bills increases only):
-        # the state is written before every report leaves, and the newest logged report is a
-        # second witness for when that write failed.
-        newest = self._buffer.peek_newest()
-        if newest is not None and newest.energy_total > self.energy_total:
-            self.energy_total = newest.energy_total
-            self.balance = newest.remaining_balance
+        st = StateRecord()
+        source = "nothing"
+        unreadable = False
+        if raw is not None:
+            decoded = decode_state(raw)
+            if decoded is not None:
+                st = decoded
+                source = "nvs"
+            elif len(raw) == 16:
+                st.energy_total, st.balance = struct.unpack("<dd", raw)
+                if _plausible_state(st):
+                    source = "legacy"
+                else:
+                    unreadable = True
+            else:
+                unreadable = True
+        newest_entry = self._buffer.peek_newest()
+        newest: Report | None = None
+        meta = ReportMeta()
+        if newest_entry is not None:
+            cand, cand_meta = newest_entry
+            if (
+                math.isfinite(cand.energy_total)
+                and 0 <= cand.energy_total <= MAX_ENERGY_TOTAL
+                and math.isfinite(cand.remaining_balance)
+            ):
+                newest, meta = cand, cand_meta
+        persist = False
+        from_log = False
+        if source == "nvs":
+            # Never step the register on the wire backwards; the raw register at the newer report
+            # is the stored one plus what was billed in between, when nothing broke the chain.
+            if newest is not None and newest.reg_id == st.reg_id and newest.energy_total > st.energy_total:
+                if st.have_raw and meta.raw_chained:
+                    st.raw_kwh = st.raw_kwh + (newest.energy_total - st.energy_total)
+                else:
+                    st.have_raw = False
+                st.energy_total = newest.energy_total
+                st.balance = newest.remaining_balance
+                persist = True
+        elif source == "legacy":
+            if newest is not None and newest.reg_id == "" and newest.energy_total > st.energy_total:
+                st.energy_total = newest.energy_total
+                st.balance = newest.remaining_balance
+            st.reg_id = self._draw_reg_id()
+            persist = True
+        elif newest is not None:
+            st.reg_id = newest.reg_id if newest.reg_id else self._draw_reg_id()
+            st.energy_total = newest.energy_total
+            st.balance = newest.remaining_balance
+            self.relay_override = RelayOverride(meta.relay_override)
+            from_log = True
+            persist = True
+            self._pending_notice = MSG_STATE_FROM_LOG
+        else:
+            st = StateRecord()
+            st.reg_id = self._draw_reg_id()
+            persist = True
+            if unreadable:
+                self._pending_notice = MSG_STATE_UNREADABLE
+
+        self.reg_id = st.reg_id
+        self.energy_total = st.energy_total
+        self.balance = st.balance
+        self.unbilled_kwh = st.unbilled_kwh
+        if st.have_raw:
+            self._have_baseline = True
+            self._baseline = st.raw_kwh
+            self._baseline_at_ms = self._uptime_ms
+            self._baseline_gap_ms = self.config.boot_gap_ms
+            self._raw_chained = not persist
+
+        raw = self._kv.get(KEY_SEQ)
+        stored = struct.unpack("<Q", raw)[0] if raw is not None and len(raw) == 8 else 0
+        self.next_seq = stored
+        if newest is not None and newest.seq + 1 > self.next_seq:
+            self.next_seq = newest.seq + 1
+        if self.next_seq + self._seq_block > MAX_PACKED_SEQ:
+            # Corrupt (beyond 2^40 reports): a new register history may restart seq from 0.
+            self.next_seq = 0
+            self.reg_id = self._draw_reg_id()
+            self.energy_total = 0.0
+            self.balance = 0.0
+            self.unbilled_kwh = 0.0
+            self._have_baseline = False
+            persist = True
+            self._pending_notice = MSG_STATE_UNREADABLE
+
         raw = self._kv.get(KEY_RELAY)
         if raw is not None and len(raw) == 1 and raw[0] <= 2:
             self.relay_override = RelayOverride(raw[0])
+        elif not from_log:
+            self.relay_override = RelayOverride.AUTO
+        if persist:
+            self._persist_state()
+
+    def begin(self) -> None:
+        t = self._now()
+        self._restore_state()
+        # Reserve a block so that a reboot resumes above every seq this boot can send.
+        self._seq_ceiling = self.next_seq + self._seq_block
+        self._kv.put(KEY_SEQ, struct.pack("<Q", self._seq_ceiling))
         self._last_report_ms = t
         self._last_persist_ms = t
         self._last_status_ms = t
@@ -484,6 +774,9 @@ class MeterCore:
             self._sample(t)
         self._apply_relay()
         self._publish_condition_if_changed()
+        if self._over_rated_pending and self.connected:
+            self._over_rated_pending = False
+            self._publish_notice(MSG_OVER_RATED)
         if elapsed_ms(t, self._last_report_ms) >= cfg.report_interval_ms:
             self._last_report_ms = t  # one report covers a stall, no burst of empty ones
             self._emit_report()
@@ -503,6 +796,9 @@ class MeterCore:
         self.connected = True
         self._drain_buffer()  # buffered reports before "online" (the backend then pushes balance)
         self._publish_status("online", MSG_ONLINE, "")
+        if self._pending_notice:
+            self._publish_notice(self._pending_notice)
+            self._pending_notice = ""
         self._publish_condition_if_changed()
 
     def on_disconnected(self) -> None:
@@ -563,17 +859,34 @@ class MeterCore:
             return
         self._sensor_failing = False
         self.sensor_fault = False
+        at = self._uptime_ms
         if not self._have_baseline:
-            self._have_baseline = True  # first reading after boot: baseline only
+            # No register saved with the state: this reading is the baseline (saved next write).
+            self._have_baseline = True
             self._baseline = kwh
+            self._baseline_at_ms = at
+            self._baseline_gap_ms = 0
+            self._state_dirty = True
             return
         delta = kwh - self._baseline
+        span_ms = (at - self._baseline_at_ms) + self._baseline_gap_ms
         self._baseline = kwh  # follows the register; a backwards register was reset
+        self._baseline_at_ms = at
+        self._baseline_gap_ms = 0
         if delta > 0:
+            cap = self._rated_max_kw * float(span_ms) / 3600000.0 + REGISTER_STEP_KWH
+            if delta > cap:
+                self.unbilled_kwh += delta - cap
+                delta = cap
+                self._raw_chained = False
+                self._over_rated_pending = True
             self.energy_total += delta
             self.session_total += delta
             self._interval_units += delta
             self.balance -= delta
+            self._state_dirty = True
+        elif delta < 0:
+            self._raw_chained = False
             self._state_dirty = True
 
     def _apply_relay(self) -> None:
@@ -596,6 +909,8 @@ class MeterCore:
             fw=self.config.fw_version,
             uptime_s=self._uptime_ms // 1000,
             reset_reason=self.reset_reason,
+            reg_id=self.reg_id,
+            unbilled_kwh=self.unbilled_kwh,
             cmd_id=cmd_id,
         )
 
@@ -605,6 +920,10 @@ class MeterCore:
         self._publish(self.topic("status"), self._status_payload(status, message, cmd_id), 0, True)
         self._published_condition = status
         self._last_status_ms = self._now_ms
+
+    def _publish_notice(self, message: str) -> None:
+        """An event, not a condition: status "error", then the actual condition again."""
+        self._publish_status("error", message, "")
 
     def _publish_condition_if_changed(self) -> None:
         c = self.condition
@@ -627,6 +946,7 @@ class MeterCore:
             remaining_balance=self.balance,
             total_consumed=self.session_total,
             energy_total=self.energy_total,
+            reg_id=self.reg_id,
         )
         self._interval_units = 0.0
         # "Never lose a kWh": this report's register is persisted before the report can leave.
@@ -634,41 +954,64 @@ class MeterCore:
         if (
             self.connected
             and len(self._buffer) == 0
-            and self._publish(self.topic("consumption"), encode_report(self.config.meter_no, r), 1, False)
+            and self._publish(self.topic("consumption"), encode_report(self.config.meter_no, r), 1, False) >= 0
         ):
             return
-        self._buffer.append(r)
+        if packable(r):
+            self._buffer.append(r, ReportMeta(int(self.relay_override), self._raw_chained))
 
     def _drain_buffer(self) -> None:
         if not self.connected:
             return
         n = 0
         while n < self._replay_batch and len(self._buffer) > 0:
-            r = self._buffer.peek_oldest()
-            if not self._publish(self.topic("consumption"), encode_report(self.config.meter_no, r), 1, False):
+            key, r, _meta = self._buffer.peek_at(0)
+            if self._publish(self.topic("consumption"), encode_report(self.config.meter_no, r), 1, False) < 0:
                 break
-            self._buffer.pop_oldest()
+            self._buffer.consume(key)
             n += 1
 
     def _persist_state(self) -> None:
-        self._kv.put(KEY_STATE, struct.pack("<dd", self.energy_total, self.balance))
+        st = StateRecord(
+            reg_id=self.reg_id,
+            energy_total=self.energy_total,
+            balance=self.balance,
+            have_raw=self._have_baseline,
+            raw_kwh=self._baseline if self._have_baseline else 0.0,
+            unbilled_kwh=self.unbilled_kwh,
+        )
+        self._kv.put(KEY_STATE, encode_state(st))
         self._last_persist_ms = self._now_ms
         self._state_dirty = False
+        self._raw_chained = self._have_baseline
 
     def _apply_balance_command(self, cmd: BalanceCommand) -> None:
-        if cmd.energy_total is not None:
+        # The ledger's balance accounts consumption up to cmd.energy_total of history cmd.reg_id;
+        # a command about another history sets the balance as it is (never credit the difference
+        # between someone else's register and this one).
+        not_applied = ""
+        if cmd.energy_total is None:
+            self.balance = cmd.balance  # seed-only backend
+        elif (
+            cmd.reg_id == self.reg_id
+            if cmd.reg_id
+            else cmd.energy_total <= self.energy_total + self._tolerance
+        ):
             self.balance = cmd.balance - (self.energy_total - cmd.energy_total)
         else:
-            self.balance = cmd.balance  # seed-only backend
+            self.balance = cmd.balance
+            not_applied = MSG_REGISTER_AHEAD if not cmd.reg_id else MSG_REG_ID_MISMATCH
         self._persist_state()  # a payment is written at once, not throttled
         self._apply_relay()
         if self.connected:
             self._publish(
                 self.topic("balance"),
-                encode_balance_report(self.config.meter_no, self.balance, self._timestamp(), cmd.cmd_id),
+                encode_balance_report(self.config.meter_no, self.balance, self._timestamp(), self.reg_id, cmd.cmd_id),
                 0,
                 False,
             )
+        if not_applied:
+            self._publish_notice(not_applied)
         self._publish_condition_if_changed()
 
     def _apply_relay_command(self, cmd: RelayCommand) -> None:

@@ -2,6 +2,7 @@
 effect as one JSON line, exactly like the firmware's host `trace_runner`.
 
     python -m devtools.sim.trace_runner firmware/trace/seed_and_reconcile.jsonl
+    python -m devtools.sim.trace_runner TRACE.jsonl --expect TRACE.expected   # exit 1 on a difference
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from collections.abc import Callable
 from typing import TextIO
 
 from devtools.sim.meter_core import (
+    KEY_STATE,
     ManualClock,
     MemoryKvStore,
     MeterConfig,
     MeterCore,
     ReportBuffer,
+    XorShift32,
     relay_override_name,
 )
 
@@ -38,15 +41,19 @@ def _config_from(step: dict) -> MeterConfig:
         seq_block=int(step.get("seqBlock", d.seq_block)),
         replay_batch=int(step.get("replayBatch", d.replay_batch)),
         low_balance_threshold=step.get("lowBalanceThreshold", d.low_balance_threshold),
+        rated_max_kw=step.get("ratedMaxKw", d.rated_max_kw),
+        boot_gap_ms=int(step.get("bootGapMs", d.boot_gap_ms)),
+        register_tolerance_kwh=step.get("registerToleranceKwh", d.register_tolerance_kwh),
     )
 
 
-def _payload_of(step: dict) -> str:
-    # A JSON string is sent byte for byte; anything else is serialised compactly.
+def _payload_of(step: dict, reg_id: str) -> str:
+    # A JSON string is sent byte for byte; anything else is serialised compactly, with the string
+    # "$regId" replaced by the meter's current regId.
     p = step.get("payload")
     if isinstance(p, str):
         return p
-    return json.dumps(p, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(p, separators=(",", ":"), ensure_ascii=False).replace('"$regId"', f'"{reg_id}"')
 
 
 def run_trace(lines, out: Callable[[str], None]) -> None:
@@ -64,12 +71,13 @@ def run_trace(lines, out: Callable[[str], None]) -> None:
 
     sensor: list[float | None] = [None]  # the PZEM's register; None = not answering
     clock = ManualClock()
-    kv = MemoryKvStore()
-    state = {"core": None, "buffer": None, "cfg": MeterConfig(), "step": 1000, "rssi": -65}
+    state = {"core": None, "buffer": None, "cfg": MeterConfig(), "step": 1000, "rssi": -65,
+             "kv": MemoryKvStore(), "rng": XorShift32(1), "capacity": 64}
 
     def boot(reason: str) -> MeterCore:
         core = MeterCore(
-            state["cfg"], clock, kv, state["buffer"], publish, set_relay, lambda: sensor[0], reset_reason=reason
+            state["cfg"], clock, state["kv"], state["buffer"], publish, set_relay, lambda: sensor[0],
+            reset_reason=reason, random32=state["rng"],
         )
         core.set_wifi_rssi(state["rssi"])
         core.begin()
@@ -86,7 +94,9 @@ def run_trace(lines, out: Callable[[str], None]) -> None:
             state["cfg"] = _config_from(step)
             state["step"] = int(step.get("loopStepMs", 1000))
             state["rssi"] = int(step.get("wifiRssi", state["rssi"]))
-            state["buffer"] = ReportBuffer(int(step.get("bufferCapacity", 64)))
+            state["capacity"] = int(step.get("bufferCapacity", 64))
+            state["buffer"] = ReportBuffer(state["capacity"])
+            state["rng"] = XorShift32(int(step.get("rngSeed", 1)))
             clock.restart(int(step.get("startMillis", 0)))
             boot(step.get("resetReason", "poweron"))
             continue
@@ -115,14 +125,23 @@ def run_trace(lines, out: Callable[[str], None]) -> None:
         elif op == "disconnect":
             core.on_disconnected()
         elif op == "balance_cmd":
-            core.on_message(core.topic("command/balance"), _payload_of(step))
+            core.on_message(core.topic("command/balance"), _payload_of(step, core.reg_id))
         elif op == "relay_cmd":
-            core.on_message(core.topic("command/relay"), _payload_of(step))
+            core.on_message(core.topic("command/relay"), _payload_of(step, core.reg_id))
         elif op == "message":
-            core.on_message(step.get("topic", ""), _payload_of(step))
-        elif op == "reboot":
+            core.on_message(step.get("topic", ""), _payload_of(step, core.reg_id))
+        elif op in ("reboot", "wipe_nvs", "corrupt_state", "wipe_ring", "swap_board"):
+            # Storage faults happen while the meter is down; each of these ops ends with a boot.
+            if op == "wipe_nvs":
+                state["kv"].wipe()
+            if op == "corrupt_state":
+                state["kv"].corrupt(step.get("key", KEY_STATE))
+            if op in ("wipe_ring", "swap_board"):
+                state["buffer"] = ReportBuffer(state["capacity"])
+            if op == "swap_board":
+                state["kv"] = MemoryKvStore()  # a new board under the same meterNo
             clock.restart(int(step.get("startMillis", 0)))
-            boot(step.get("reason", "software"))
+            boot(step.get("reason", "software" if op == "reboot" else "poweron"))
         else:
             raise ValueError(f"line {number}: unknown op {op!r}")
 
@@ -138,6 +157,8 @@ def run_trace(lines, out: Callable[[str], None]) -> None:
                 "relayClosed": core.relay_closed,
                 "override": relay_override_name(core.relay_override),
                 "condition": core.condition,
+                "regId": core.reg_id,
+                "unbilledKwh": core.unbilled_kwh,
                 "nextSeq": core.next_seq,
                 "buffered": core.buffered,
             }
@@ -145,13 +166,31 @@ def run_trace(lines, out: Callable[[str], None]) -> None:
     )
 
 
+def _parsed(line: str) -> dict:
+    obj = json.loads(line)
+    if "payload" in obj:
+        obj["payload"] = json.loads(obj["payload"])
+    return obj
+
+
 def main(argv: list[str] | None = None, stdout: TextIO = sys.stdout) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m devtools.sim.trace_runner TRACE.jsonl", file=sys.stderr)
+    if len(args) not in (1, 3) or (len(args) == 3 and args[1] != "--expect"):
+        print("usage: python -m devtools.sim.trace_runner TRACE.jsonl [--expect GOLDEN]", file=sys.stderr)
         return 2
+    lines: list[str] = []
     with open(args[0], encoding="utf-8") as f:
-        run_trace(f, lambda s: stdout.write(s + "\n"))
+        run_trace(f, lambda s: (lines.append(s), stdout.write(s + "\n")))
+    if len(args) == 3:
+        # Compared parsed (payloads too): the two runners print the same JSON differently.
+        with open(args[2], encoding="utf-8") as f:
+            expected = [line for line in f.read().splitlines() if line.strip()]
+        for i in range(max(len(expected), len(lines))):
+            want = _parsed(expected[i]) if i < len(expected) else "<end of golden file>"
+            got = _parsed(lines[i]) if i < len(lines) else "<end of output>"
+            if want != got:
+                print(f"line {i + 1} differs from {args[2]}\n  expected: {want}\n  actual:   {got}", file=sys.stderr)
+                return 1
     return 0
 
 

@@ -35,9 +35,16 @@ TEST_CASE("a balance command with energyTotal keeps consumption that was in flig
         r.balanceCmd(R"({"balance": 10.5, "timestamp": 1698765432000, "energyTotal": 4.75, "cmdId": "c-1"})");
         CHECK(r.core->balance() == 10.25);
     }
-    SUBCASE("a ledger ahead of the meter's register credits the difference") {
-        r.balanceCmd(R"({"balance": 2, "timestamp": 1, "energyTotal": 5.5})");
+    SUBCASE("a ledger ahead of the meter's register within the same history credits the difference") {
+        r.balanceCmd(R"({"balance": 2, "timestamp": 1, "energyTotal": 5.5, "regId": ")" + r.core->regId() + "\"}");
         CHECK(r.core->balance() == 2.5);
+    }
+    SUBCASE("without regId, a register ahead of the meter's is not credited") {
+        r.balanceCmd(R"({"balance": 2, "timestamp": 1, "energyTotal": 5.5})");
+        CHECK(r.core->balance() == 2);
+        Payload notice(r.on("status").at(r.on("status").size() - 2).payload);
+        CHECK(notice.str("status") == "error");
+        CHECK(notice.str("message") == kMsgRegisterAhead);
     }
 }
 
@@ -49,7 +56,8 @@ TEST_CASE("a seed-only balance command sets the balance and is acknowledged with
     r.balanceCmd(R"({"balance": 5.25, "timestamp": 1698765432000})");
     CHECK(r.core->balance() == 5.25);
     Payload ack(r.on("balance").at(0).payload);
-    CHECK(ack.size() == 3);
+    CHECK(ack.size() == 4);  // meterNo, balance, timestamp, regId
+    CHECK(ack.str("regId") == r.core->regId());
     CHECK_FALSE(ack.has("cmdId"));
 }
 
@@ -139,7 +147,7 @@ TEST_CASE("a relay command is answered with a status that echoes cmdId") {
     CHECK(s.str("message") == "Relay override: off");
 }
 
-TEST_CASE("connect publishes online with the ext fields, then the condition; the will is offline") {
+TEST_CASE("connect publishes online with the ext fields, then the condition, and the will is offline") {
     Rig r;
     r.boot("brownout");
     r.clock.advance(42000);
@@ -159,6 +167,8 @@ TEST_CASE("connect publishes online with the ext fields, then the condition; the
     CHECK(online.num("uptime") == 42);
     CHECK(online.str("resetReason") == "brownout");
     CHECK(online.num("timestamp") == 42000);
+    CHECK(online.str("regId") == r.core->regId());
+    CHECK(online.num("unbilledKwh") == 0);
     CHECK(st[0].qos == 0);
     CHECK(st[0].retain);
     CHECK(Payload(st[1].payload).str("status") == "low_balance");
@@ -248,15 +258,16 @@ TEST_CASE("energy and balance are persisted at every report, payments at once") 
     Rig r;
     r.cfg.persistIntervalMs = 60000;
     r.boot();
+    CHECK(r.kv.writes("state") == 1);  // the new register history is written at once
     r.balanceCmd(R"({"balance": 100, "timestamp": 1})");
-    CHECK(r.kv.writes("state") == 1);  // the payment is written immediately
+    CHECK(r.kv.writes("state") == 2);  // the payment is written immediately
     r.energy.setKwh(0);
     for (int s = 1; s <= 600; ++s) {  // 10 minutes of steady consumption, a report every 30 s
         r.energy.setKwh(s * 0.001);
         r.run(1000);
     }
     // One write per report; the per-interval write never comes due between 30 s reports.
-    CHECK(r.kv.writes("state") == 1 + 20);
+    CHECK(r.kv.writes("state") == 2 + 20);
     double billed = r.core->energyTotal();
     r.reboot();  // power cut right after the 20th report: nothing billed is lost
     CHECK(r.core->energyTotal() == billed);
@@ -277,19 +288,20 @@ TEST_CASE("a power cut right after a report never steps the register on the wire
     double sent = Payload(r.on("consumption")[0].payload).num("energyTotal");
     CHECK(sent == 0.25);
     r.energy.setKwh(1200.5);
-    r.run(5000);  // billed, not yet reported, not yet persisted (throttle): lost on the meter
-    r.reboot();   // the old firmware restored energyTotal 0 here (last throttled write at boot)
+    r.run(5000);  // billed, not yet reported, not yet persisted (throttle)
+    r.reboot();   // the state holds the register of the last report and the sensor reading then
     CHECK(r.core->energyTotal() == sent);
     r.core->onConnected();
-    r.run(1000);  // new baseline 1200.5
+    r.run(1000);  // the reading 1200.5 is 0.25 above the saved one: billed, not forgiven
+    CHECK(r.core->energyTotal() == 0.5);
     r.energy.setKwh(1200.6);
     r.run(30000);
     auto reports = r.on("consumption");
     REQUIRE(reports.size() == 2);
     Payload after(reports[1].payload);
-    CHECK(after.num("energyTotal") == doctest::Approx(0.35).epsilon(1e-12));
-    CHECK(after.num("energyTotal") > sent);  // the backend bills the 0.1 kWh: nothing forgiven
-    CHECK(after.num("seq") == 64);           // next reserved block
+    CHECK(after.num("energyTotal") == doctest::Approx(0.6).epsilon(1e-12));
+    CHECK(after.num("seq") == 64);  // next reserved block
+    CHECK(after.str("regId") == Payload(reports[0].payload).str("regId"));
 }
 
 namespace {
@@ -308,14 +320,16 @@ TEST_CASE("the report log is a second witness of the register when the state wri
     MeterConfig cfg;
     cfg.statusIntervalMs = 0;
     cfg.reportIntervalMs = 10000;
+    cfg.ratedMaxKw = 1e6;
     ManualClock clock;
     FlakyKv kv;
     MemFlash flash{16 * 64, 64};
     FakeRelay relay;
     FakeEnergy energy;
     RecordingPublisher pub;
+    XorShiftRandom rng(7);
     auto ring = std::make_unique<FlashRing>(flash, 64);
-    auto core = std::make_unique<MeterCore>(cfg, clock, kv, *ring, relay, energy, pub, "poweron");
+    auto core = std::make_unique<MeterCore>(cfg, clock, kv, *ring, relay, energy, pub, rng, "poweron");
     core->begin();
     core->onMessage(core->topic("command/balance"), R"({"balance": 10, "timestamp": 1})");
     kv.refuseState = true;
@@ -335,7 +349,7 @@ TEST_CASE("the report log is a second witness of the register when the state wri
     CHECK(pub.messages.size() >= 2);
     clock.restart(0);
     ring = std::make_unique<FlashRing>(flash, 64);
-    core = std::make_unique<MeterCore>(cfg, clock, kv, *ring, relay, energy, pub, "poweron");
+    core = std::make_unique<MeterCore>(cfg, clock, kv, *ring, relay, energy, pub, rng, "poweron");
     core->begin();
     CHECK(core->energyTotal() == 0.5);  // from the ring, not the stale NVS value (0)
     CHECK(core->balance() == 9.5);

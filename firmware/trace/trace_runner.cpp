@@ -1,13 +1,17 @@
 // Runs a meter trace (firmware/trace/README.md) through the portable core with in-memory
 // hardware and prints every effect as one JSON line. `python -m devtools.sim.trace_runner`
-// does the same with the Python port; tests/simulator/test_contract.py compares the two.
+// does the same with the Python port; tests/simulator/test_contract.py compares the two, and
+// `trace_runner TRACE.jsonl --expect TRACE.expected` (the ctest entries) compares the output
+// with the reviewed golden file line by line.
 #include <cjson/cJSON.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "meter/flash_ring.h"
 #include "meter/host_fakes.h"
@@ -19,11 +23,37 @@ namespace {
 
 constexpr size_t kSlotBytes = 64;  // FlashRing header (11) + packed report (48) fits
 
+std::vector<std::string> g_output;
+
 void emit(cJSON* line) {
     char* text = cJSON_PrintUnformatted(line);
     std::cout << text << '\n';
+    g_output.emplace_back(text);
     cJSON_free(text);
     cJSON_Delete(line);
+}
+
+// 0 when the output equals the golden file line for line; else prints the first difference.
+int compareWithGolden(const char* path) {
+    std::ifstream in(path);
+    if (!in) {
+        std::fprintf(stderr, "cannot open golden file %s\n", path);
+        return 1;
+    }
+    std::vector<std::string> expected;
+    std::string line;
+    while (std::getline(in, line)) expected.push_back(line);
+    size_t n = std::max(expected.size(), g_output.size());
+    for (size_t i = 0; i < n; ++i) {
+        const std::string got = i < g_output.size() ? g_output[i] : "<end of output>";
+        const std::string want = i < expected.size() ? expected[i] : "<end of golden file>";
+        if (got != want) {
+            std::fprintf(stderr, "line %zu differs from %s\n  expected: %s\n  actual:   %s\n", i + 1, path,
+                         want.c_str(), got.c_str());
+            return 1;
+        }
+    }
+    return 0;
 }
 
 void emitMessage(const char* event, const std::string& topic, const std::string& payload, int qos, bool retain) {
@@ -38,10 +68,13 @@ void emitMessage(const char* event, const std::string& topic, const std::string&
 
 class PrintingPublisher : public Publisher {
 public:
-    bool publish(const std::string& topic, const std::string& payload, int qos, bool retain) override {
+    int publish(const std::string& topic, const std::string& payload, int qos, bool retain) override {
         emitMessage("publish", topic, payload, qos, retain);
-        return true;
+        return qos > 0 ? ++lastId_ : 0;
     }
+
+private:
+    int lastId_ = 0;
 };
 
 class PrintingRelay : public Relay {
@@ -76,25 +109,37 @@ MeterConfig configFrom(const cJSON* c) {
     cfg.seqBlock = static_cast<uint32_t>(num(c, "seqBlock", cfg.seqBlock));
     cfg.replayBatch = static_cast<uint32_t>(num(c, "replayBatch", cfg.replayBatch));
     cfg.lowBalanceThreshold = num(c, "lowBalanceThreshold", cfg.lowBalanceThreshold);
+    cfg.ratedMaxKw = num(c, "ratedMaxKw", cfg.ratedMaxKw);
+    cfg.bootGapMs = static_cast<uint32_t>(num(c, "bootGapMs", cfg.bootGapMs));
+    cfg.registerToleranceKwh = num(c, "registerToleranceKwh", cfg.registerToleranceKwh);
     return cfg;
 }
 
 // The command payload of a trace step: a JSON string is sent byte for byte, anything else is
-// serialised compactly.
-std::string payloadOf(const cJSON* step) {
+// serialised compactly, with the string "$regId" replaced by the meter's current regId (so that
+// a trace can address the history the meter has at that point).
+std::string payloadOf(const cJSON* step, const std::string& regId) {
     const cJSON* p = cJSON_GetObjectItemCaseSensitive(step, "payload");
     if (cJSON_IsString(p)) return p->valuestring;
     char* text = cJSON_PrintUnformatted(p);
     std::string out = text ? text : "";
     cJSON_free(text);
+    const std::string token = "\"$regId\"";
+    for (size_t at = out.find(token); at != std::string::npos; at = out.find(token, at)) {
+        out.replace(at, token.size(), "\"" + regId + "\"");
+        at += regId.size() + 2;
+    }
     return out;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-    if (argc != 2) {
-        std::fprintf(stderr, "usage: %s TRACE.jsonl\n", argv[0]);
+    const char* golden = nullptr;
+    if (argc == 4 && std::string(argv[2]) == "--expect") {
+        golden = argv[3];
+    } else if (argc != 2) {
+        std::fprintf(stderr, "usage: %s TRACE.jsonl [--expect GOLDEN]\n", argv[0]);
         return 2;
     }
     std::ifstream in(argv[1]);
@@ -110,7 +155,8 @@ int main(int argc, char** argv) {
     int rssi = -65;
 
     ManualClock clock;
-    MemKv kv;
+    std::unique_ptr<MemKv> kv(new MemKv());
+    std::unique_ptr<XorShiftRandom> rng(new XorShiftRandom(1));
     std::unique_ptr<MemFlash> flash;
     std::unique_ptr<FlashRing> ring;
     FakeEnergy energy;
@@ -120,7 +166,7 @@ int main(int argc, char** argv) {
 
     auto boot = [&](const std::string& reason) {
         ring.reset(new FlashRing(*flash, kSlotBytes));  // recovery scan, as after a real reset
-        core.reset(new MeterCore(cfg, clock, kv, *ring, relay, energy, publisher, reason));
+        core.reset(new MeterCore(cfg, clock, *kv, *ring, relay, energy, publisher, *rng, reason));
         core->setWifiRssi(rssi);
         core->begin();
     };
@@ -144,6 +190,7 @@ int main(int argc, char** argv) {
             resetReason = str(step, "resetReason", resetReason);
             rssi = static_cast<int>(num(step, "wifiRssi", rssi));
             clock.restart(static_cast<uint32_t>(num(step, "startMillis", 0)));
+            rng.reset(new XorShiftRandom(static_cast<uint32_t>(num(step, "rngSeed", 1))));
             // One slot per sector: the ring then holds exactly `capacity` reports and drops the
             // oldest one at a time, the rule the Python port implements with a bounded deque.
             flash.reset(new MemFlash(capacity * kSlotBytes, kSlotBytes));
@@ -176,14 +223,22 @@ int main(int argc, char** argv) {
         } else if (op == "disconnect") {
             core->onDisconnected();
         } else if (op == "balance_cmd") {
-            core->onMessage(core->topic("command/balance"), payloadOf(step));
+            core->onMessage(core->topic("command/balance"), payloadOf(step, core->regId()));
         } else if (op == "relay_cmd") {
-            core->onMessage(core->topic("command/relay"), payloadOf(step));
+            core->onMessage(core->topic("command/relay"), payloadOf(step, core->regId()));
         } else if (op == "message") {
-            core->onMessage(str(step, "topic", ""), payloadOf(step));
-        } else if (op == "reboot") {
+            core->onMessage(str(step, "topic", ""), payloadOf(step, core->regId()));
+        } else if (op == "reboot" || op == "wipe_nvs" || op == "corrupt_state" || op == "wipe_ring" ||
+                   op == "swap_board") {
+            // Storage faults happen while the meter is down; each of these ops ends with a boot.
+            if (op == "wipe_nvs") kv->wipe();
+            if (op == "corrupt_state") kv->corrupt(str(step, "key", kKeyState));
+            if (op == "wipe_ring" || op == "swap_board") {
+                flash.reset(new MemFlash(capacity * kSlotBytes, kSlotBytes));
+            }
+            if (op == "swap_board") kv.reset(new MemKv());  // a new board under the same meterNo
             clock.restart(static_cast<uint32_t>(num(step, "startMillis", 0)));
-            boot(str(step, "reason", "software"));
+            boot(str(step, "reason", op == "reboot" ? "software" : "poweron"));
         } else {
             std::fprintf(stderr, "line %d: unknown op '%s'\n", lineNo, op.c_str());
             cJSON_Delete(step);
@@ -204,8 +259,10 @@ int main(int argc, char** argv) {
     cJSON_AddBoolToObject(o, "relayClosed", core->relayClosed());
     cJSON_AddStringToObject(o, "override", relayOverrideName(core->relayOverride()));
     cJSON_AddStringToObject(o, "condition", core->condition());
+    cJSON_AddStringToObject(o, "regId", core->regId().c_str());
+    cJSON_AddRawToObject(o, "unbilledKwh", jsonNumber(core->unbilledKwh()).c_str());
     cJSON_AddNumberToObject(o, "nextSeq", static_cast<double>(core->nextSeq()));
     cJSON_AddNumberToObject(o, "buffered", static_cast<double>(ring->size()));
     emit(o);
-    return 0;
+    return golden ? compareWithGolden(golden) : 0;
 }

@@ -1,5 +1,6 @@
 """The firmware core (C++, host build) and the Python simulator must emit the same payloads and
-keep the same local balance for the same input trace (firmware/trace/README.md)."""
+keep the same local balance for the same input trace (firmware/trace/README.md), and on the
+committed traces both must produce the reviewed golden output (trace/NAME.expected)."""
 
 import json
 import random
@@ -48,14 +49,28 @@ def _assert_same(cpp, py):
 
 
 def test_there_are_traces():
-    names = {t.name for t in TRACES}
-    assert {"seed_and_reconcile.jsonl", "offline_wrap_reboot.jsonl"} <= names
+    names = {t.stem for t in TRACES}
+    assert {"seed_and_reconcile", "offline_wrap_reboot", "power_cut_after_report", "state_wiped", "board_replaced",
+            "sensor_reset", "reboot_between_reports"} <= names
+    goldens = {p.stem for p in (ROOT / "firmware" / "trace").glob("*.expected")}
+    assert goldens == names, "every trace has a golden file and every golden file a trace"
+
+
+def _golden(trace: Path):
+    lines = []
+    for text in trace.with_suffix(".expected").read_text(encoding="utf-8").splitlines():
+        line = json.loads(text)
+        if "payload" in line:
+            line["payload"] = json.loads(line["payload"])
+        lines.append(line)
+    return lines
 
 
 @pytest.mark.parametrize("trace", TRACES, ids=lambda p: p.stem)
 def test_firmware_and_simulator_agree(cpp_runner, trace):
     cpp, py = _both(cpp_runner, trace)
     _assert_same(cpp, py)
+    _assert_same(_golden(trace), py)
 
 
 def test_seed_trace_reproduces_the_seed_report(cpp_runner):
@@ -95,6 +110,8 @@ def _random_trace(rng: random.Random) -> list:
         "persistIntervalMs": rng.choice([10000, 60000]), "sensorFailTimeoutMs": rng.choice([3000, 8000]),
         "seqBlock": rng.choice([1, 2, 64]), "replayBatch": rng.choice([1, 3, 20]),
         "bufferCapacity": rng.choice([2, 5, 16]), "lowBalanceThreshold": rng.choice([0, 1.0, 2.5]),
+        "rngSeed": rng.randint(1, 2**32 - 1), "ratedMaxKw": rng.choice([18.4, 100, 1e6]),
+        "bootGapMs": rng.choice([0, 60000, 120000]),
     }]
     register = rng.uniform(0, 5000)
     for _ in range(rng.randint(20, 60)):
@@ -108,6 +125,8 @@ def _random_trace(rng: random.Random) -> list:
             payload = {"balance": round(rng.uniform(-2, 30), rng.choice([0, 2, 6])), "timestamp": 1698765432000}
             if rng.random() < 0.6:
                 payload["energyTotal"] = round(rng.uniform(0, 3), 4)
+            if rng.random() < 0.5:
+                payload["regId"] = rng.choice(["$regId", "$regId", "OtherHist", "x"])
             if rng.random() < 0.7:
                 payload["cmdId"] = f"c-{rng.randint(0, 999)}"
             steps.append({"op": "balance_cmd", "payload": payload})
@@ -124,9 +143,11 @@ def _random_trace(rng: random.Random) -> list:
             steps.append({"op": "time_sync", "unixMs": 1698765400000 + rng.randint(0, 10**6)})
         elif kind < 0.93:
             steps.append({"op": "rssi", "dbm": rng.randint(-95, -40)})
-        else:
+        elif kind < 0.97:
             steps.append({"op": "reboot", "reason": rng.choice(["poweron", "brownout", "task_wdt"]),
                           "startMillis": rng.choice([0, 2**32 - 3000])})
+        else:
+            steps.append({"op": rng.choice(["wipe_nvs", "corrupt_state", "wipe_ring", "swap_board"])})
     return steps
 
 

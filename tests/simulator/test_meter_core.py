@@ -1,34 +1,51 @@
 """Unit tests of the Python meter core (devtools/sim/meter_core.py)."""
 
 import json
+import struct
 
 import pytest
 
 from devtools.sim.meter_core import (
+    KEY_RELAY,
     KEY_SEQ,
     KEY_STATE,
+    MSG_OVER_RATED,
+    MSG_REG_ID_MISMATCH,
+    MSG_REGISTER_AHEAD,
+    MSG_STATE_FROM_LOG,
+    MSG_STATE_UNREADABLE,
     ManualClock,
     MemoryKvStore,
     MeterConfig,
     MeterCore,
     RelayOverride,
+    Report,
     ReportBuffer,
+    ReportMeta,
+    StateRecord,
+    XorShift32,
     decode_balance_command,
     decode_relay_command,
+    decode_state,
     elapsed_ms,
+    encode_state,
     round6,
+    valid_reg_id,
 )
 
 
 class Bench:
     """One simulated meter with a recording transport."""
 
-    def __init__(self, start_millis=0, **cfg):
+    def __init__(self, start_millis=0, seed=12345, **cfg):
         cfg.setdefault("status_interval_ms", 0)
+        # The bench moves the register in big steps between samples; the cap has its own tests.
+        cfg.setdefault("rated_max_kw", 1e6)
         self.config = MeterConfig(**cfg)
         self.clock = ManualClock(start_millis)
         self.kv = MemoryKvStore()
         self.buffer = ReportBuffer(8)
+        self.rng = XorShift32(seed)
         self.sent = []
         self.relay = []
         self.register = None
@@ -37,8 +54,12 @@ class Bench:
 
     def boot(self, reason="poweron"):
         self.core = MeterCore(self.config, self.clock, self.kv, self.buffer, self._publish,
-                              self.relay.append, lambda: self.register, reset_reason=reason)
+                              self.relay.append, lambda: self.register, reset_reason=reason, random32=self.rng)
         self.core.begin()
+
+    def reboot(self, reason="software"):
+        self.clock.restart()
+        self.boot(reason)
 
     def _publish(self, topic, payload, qos, retain):
         if self.refuse:
@@ -83,7 +104,8 @@ def test_seed_report_from_register_deltas():
     b.run(29000)
     (report,) = b.on("consumption")
     assert report == {"meterNo": "METER001", "unitsConsumed": 0.0048, "remainingBalance": 10.4952,
-                      "totalConsumed": 0.0048, "timestamp": 1698765432000, "seq": 0, "energyTotal": 0.0048}
+                      "totalConsumed": 0.0048, "timestamp": 1698765432000, "seq": 0, "energyTotal": 0.0048,
+                      "regId": b.core.reg_id}
 
 
 def test_non_positive_deltas_are_ignored_and_a_reset_register_rebaselines():
@@ -108,7 +130,8 @@ def test_reconciliation_with_and_without_energy_total():
     b.run(1000)
     b.balance_cmd({"balance": 10.5, "timestamp": 1, "energyTotal": 4.75, "cmdId": "c-1"})
     assert b.core.balance == 10.25
-    assert b.on("balance")[-1] == {"meterNo": "METER001", "balance": 10.25, "timestamp": 2000, "cmdId": "c-1"}
+    assert b.on("balance")[-1] == {"meterNo": "METER001", "balance": 10.25, "timestamp": 2000,
+                                   "regId": b.core.reg_id, "cmdId": "c-1"}
     b.balance_cmd({"balance": 5.25, "timestamp": 1})
     assert b.core.balance == 5.25
     assert "cmdId" not in b.on("balance")[-1]
@@ -193,12 +216,13 @@ def test_seq_survives_reboots_without_repeating():
 
 def test_state_is_persisted_at_every_report_and_payments_at_once():
     b = Bench(persist_interval_ms=60000)
+    assert b.kv.writes(KEY_STATE) == 1  # the new register history, at once
     b.balance_cmd({"balance": 100, "timestamp": 1})
-    assert b.kv.writes(KEY_STATE) == 1
+    assert b.kv.writes(KEY_STATE) == 2
     for s in range(1, 601):
         b.register = s * 0.001
         b.run(1000)
-    assert b.kv.writes(KEY_STATE) == 1 + 20  # one per 30 s report
+    assert b.kv.writes(KEY_STATE) == 2 + 20  # one per 30 s report
     billed = b.core.energy_total
     b.clock.restart()
     b.boot()  # power cut right after the 20th report
@@ -220,10 +244,10 @@ def test_power_cut_right_after_a_report_never_steps_the_register_backwards():
     b.boot()
     assert b.core.energy_total == 0.25
     b.core.on_connected()
-    b.run(1000)
+    b.run(1000)  # 1200.5 against the register saved with the state: billed across the reboot
     b.register = 1200.6
     b.run(30000)
-    assert [r["energyTotal"] for r in b.on("consumption")] == [0.25, 0.35]
+    assert [r["energyTotal"] for r in b.on("consumption")] == [0.25, 0.6]
 
 
 class _RefusingKv(MemoryKvStore):
@@ -266,8 +290,8 @@ def test_power_cut_trace_keeps_the_wire_register_monotonic():
         run_trace(f, out.append)
     lines = [json.loads(line) for line in out]
     registers = [json.loads(m["payload"])["energyTotal"] for m in lines if m.get("topic", "").endswith("/consumption")]
-    assert registers == [0.25, 0.35, 0.5, 0.625, 0.75]
-    assert lines[-1]["energyTotal"] == 0.75
+    assert registers == sorted(registers) and len(registers) == 5
+    assert lines[-1]["energyTotal"] == registers[-1] == 1.125  # every kWh the sensor counted
 
 
 def test_status_on_connect_and_will():
@@ -280,3 +304,204 @@ def test_status_on_connect_and_will():
     assert online["status"] == "online" and low["status"] == "low_balance"
     assert online["uptime"] == 5 and online["timestamp"] == 5000 and online["resetReason"] == "poweron"
     assert {"relay", "fw", "wifi_rssi", "balance", "message"} <= online.keys()
+
+
+# ---- register histories (firmware test_register_history.cpp) ------------------------------------
+
+
+def _reg_cmd(balance, energy_total, reg_id, **extra):
+    return {"balance": balance, "timestamp": 1, "energyTotal": energy_total, "regId": reg_id, **extra}
+
+
+def _three_reports(b, start):
+    b.register = start
+    b.run(1000)
+    for i in range(1, 4):
+        b.register = start + 0.5 * i
+        b.run(30000)
+
+
+def test_xorshift32_is_the_firmware_host_sequence():
+    r = XorShift32(1)
+    assert [r(), r(), r()] == [270369, 67634689, 2647435461]
+    assert XorShift32(0)() == 270369
+
+
+def test_first_boot_draws_a_reg_id_writes_it_at_once_and_keeps_it():
+    b = Bench()
+    reg_id = b.core.reg_id
+    assert len(reg_id) == 8 and valid_reg_id(reg_id)
+    assert b.kv.writes(KEY_STATE) == 1
+    assert decode_state(b.kv.get(KEY_STATE)).reg_id == reg_id
+    b.reboot()
+    assert b.core.reg_id == reg_id
+    b.core.on_connected()
+    _three_reports(b, 10.0)
+    assert {r["regId"] for r in b.on("consumption")} == {reg_id}
+    assert b.on("status")[0]["regId"] == reg_id
+    assert json.loads(b.core.will_message().payload)["regId"] == reg_id
+    assert Bench(seed=99).core.reg_id != reg_id
+
+
+def test_a_replaced_board_starts_a_new_history_and_refuses_the_old_register():
+    b = Bench()
+    b.core.on_connected()
+    b.balance_cmd({"balance": 20, "timestamp": 1})
+    _three_reports(b, 100.0)
+    old_id, old_register = b.core.reg_id, b.core.energy_total
+    assert old_register == 1.5
+    b.kv, b.buffer, b.rng = MemoryKvStore(), ReportBuffer(8), XorShift32(4242)
+    b.reboot()
+    assert b.core.reg_id != old_id and b.core.energy_total == 0 and b.core.next_seq == 0
+    b.core.on_connected()
+    b.balance_cmd(_reg_cmd(18.5, old_register, old_id))
+    assert b.core.balance == 18.5  # not 20: the old register is someone else's
+    notice, back = b.on("status")[-2:]
+    assert (notice["status"], notice["message"], notice["regId"]) == ("error", MSG_REG_ID_MISMATCH, b.core.reg_id)
+    assert back["status"] == "online"
+    b.balance_cmd({"balance": 18.5, "timestamp": 1, "energyTotal": 1.5})  # no regId: ahead of this register
+    assert b.core.balance == 18.5 and b.on("status")[-2]["message"] == MSG_REGISTER_AHEAD
+    b.register = 101.5
+    b.run(1000)
+    b.register = 101.75
+    b.run(1000)
+    b.balance_cmd(_reg_cmd(18.5, 0, b.core.reg_id))
+    assert b.core.balance == 18.25
+
+
+def test_nvs_erased_with_the_log_intact_continues_the_history():
+    b = Bench()
+    b.core.on_connected()
+    b.balance_cmd({"balance": 20, "timestamp": 1})
+    b.relay_cmd({"state": "on"})
+    b.core.on_disconnected()
+    _three_reports(b, 100.0)
+    reg_id = b.core.reg_id
+    b.kv.wipe()
+    b.reboot()
+    assert (b.core.reg_id, b.core.energy_total, b.core.balance) == (reg_id, 1.5, 18.5)
+    assert b.core.relay_override is RelayOverride.ON
+    assert b.core.next_seq == 3
+    b.core.on_connected()
+    assert MSG_STATE_FROM_LOG in [s["message"] for s in b.on("status")]
+
+
+def test_seq_resumes_above_the_newest_logged_report():
+    b = Bench(seq_block=4)
+    b.core.on_disconnected()
+    _three_reports(b, 0.0)
+    b.kv.put(KEY_SEQ, bytes(8))
+    b.reboot()
+    assert b.core.next_seq == 3
+
+
+def test_an_unreadable_state_starts_a_new_history_and_says_so():
+    b = Bench()
+    b.balance_cmd({"balance": 20, "timestamp": 1})
+    reg_id = b.core.reg_id
+    b.kv.corrupt(KEY_STATE)
+    b.reboot()
+    assert b.core.reg_id != reg_id and b.core.balance == 0
+    b.core.on_connected()
+    assert MSG_STATE_UNREADABLE in [s["message"] for s in b.on("status")]
+
+
+def test_the_state_before_register_histories_is_migrated():
+    b = Bench()
+    b.kv = MemoryKvStore()
+    b.kv.put(KEY_STATE, struct.pack("<dd", 321.5, 12.25))
+    b.kv.put(KEY_RELAY, bytes([int(RelayOverride.OFF)]))
+    b.boot()
+    assert (b.core.energy_total, b.core.balance, b.core.relay_override) == (321.5, 12.25, RelayOverride.OFF)
+    assert len(b.kv.get(KEY_STATE)) == 46 and valid_reg_id(b.core.reg_id)
+    reg_id = b.core.reg_id
+    b.reboot()
+    assert (b.core.reg_id, b.core.energy_total) == (reg_id, 321.5)
+
+
+def test_state_records_check_crc_and_plausibility():
+    s = StateRecord(reg_id="AbCdEf12", energy_total=10, balance=-2, have_raw=True, raw_kwh=1234.5, unbilled_kwh=0.25)
+    raw = encode_state(s)
+    assert len(raw) == 46 and decode_state(raw) == s
+    for i in range(len(raw)):
+        bad = bytearray(raw)
+        bad[i] ^= 1
+        assert decode_state(bytes(bad)) is None
+    s.energy_total = -1
+    assert decode_state(encode_state(s)) is None
+
+
+def test_energy_total_applies_only_for_this_history_or_within_the_tolerance():
+    b = Bench()
+    b.core.on_connected()
+    b.register = 0.0
+    b.run(1000)
+    b.register = 5.0
+    b.run(1000)
+    b.balance_cmd(_reg_cmd(10, 4.75, b.core.reg_id))
+    assert b.core.balance == 9.75
+    b.balance_cmd(_reg_cmd(10, 4.75, "SomeoneElse"))
+    assert b.core.balance == 10
+    b.balance_cmd({"balance": 10, "timestamp": 1, "energyTotal": 5.005})
+    assert b.core.balance == pytest.approx(10.005, abs=1e-12)
+    b.balance_cmd({"balance": 10, "timestamp": 1, "energyTotal": 6})
+    assert b.core.balance == 10
+    assert [s["message"] for s in b.on("status") if s["status"] == "error"] == [MSG_REG_ID_MISMATCH, MSG_REGISTER_AHEAD]
+    assert decode_balance_command('{"balance": 1, "regId": ""}') is None
+    assert decode_balance_command('{"balance": 1, "regId": "a/b"}') is None
+    assert decode_balance_command('{"balance": 1, "regId": "' + "r" * 17 + '"}') is None
+    assert decode_balance_command('{"balance": 1, "regId": "Ab_9-"}').reg_id == "Ab_9-"
+
+
+def test_a_delta_above_the_rated_power_is_capped_counted_and_reported():
+    b = Bench(rated_max_kw=18.0)
+    b.core.on_connected()
+    b.balance_cmd({"balance": 100, "timestamp": 1})
+    b.register = 10.0
+    b.run(1000)
+    b.register = 10.004
+    b.run(1000)
+    b.register = 30.004
+    b.run(1000)
+    assert b.core.energy_total == pytest.approx(0.010, abs=1e-12)
+    assert b.core.unbilled_kwh == pytest.approx(19.994, abs=1e-12)
+    b.run(1000)
+    (notice,) = [s for s in b.on("status") if s["message"] == MSG_OVER_RATED]
+    assert notice["status"] == "error" and notice["unbilledKwh"] == 19.994
+    assert b.on("status")[-1]["status"] == "online"
+
+
+def test_a_reboot_bills_the_gap_from_the_saved_register_capped_by_the_boot_gap():
+    b = Bench(rated_max_kw=18.0, boot_gap_ms=119000)
+    b.balance_cmd({"balance": 50, "timestamp": 1})
+    b.register = 100.0
+    b.run(1000)
+    b.core.persist_now()
+    b.register = 100.25
+    b.reboot()
+    b.run(1000)
+    assert b.core.energy_total == 0.25 and b.core.unbilled_kwh == 0
+    b.core.persist_now()
+    b.register = 103.25  # beyond 18 kW over 2 minutes
+    b.reboot()
+    b.run(1000)
+    assert b.core.energy_total == pytest.approx(0.25 + 0.601, abs=1e-12)
+    b.core.persist_now()
+    b.register = 1.0  # the sensor was reset while the meter was down
+    b.reboot()
+    b.run(1000)
+    assert b.core.energy_total == pytest.approx(0.851, abs=1e-12)  # nothing billed for the gap
+    b.register = 1.004
+    b.run(1000)
+    assert b.core.energy_total == pytest.approx(0.855, abs=1e-12)
+
+
+def test_report_ring_records_are_consumed_in_any_order_and_overflow_drops_the_oldest_written():
+    ring = ReportBuffer(3)
+    reports = [Report(i, i, 0.0, 0.0, 0.0, float(i), "AbCdEf12") for i in range(5)]
+    keys = [ring.append(r, ReportMeta()) for r in reports[:3]]
+    assert ring.consume(keys[1]) and not ring.consume(keys[1])
+    assert [ring.peek_at(i)[1].seq for i in range(len(ring))] == [0, 2]
+    ring.append(reports[3])  # overwrites the slot of report 0 (pending: dropped)
+    assert ring.dropped == 1 and [ring.peek_at(i)[1].seq for i in range(len(ring))] == [2, 3]
+    assert ring.peek_newest()[0].seq == 3

@@ -74,7 +74,7 @@ void FlashRing::recover() {
         if (state == kCommitted) live.emplace_back(counter, s);
     }
     std::sort(live.begin(), live.end());
-    for (const auto& e : live) pending_.push_back(e.second);
+    for (const auto& e : live) pending_.push_back({e.second, e.first});
     nextCounter_ = maxCounter + 1;
     writeSlot_ = (maxSlot + 1) % slotCount_;
 }
@@ -85,7 +85,7 @@ void FlashRing::eraseSectorOf(size_t slot) {
     size_t last = first + slotsPerSector_;
     size_t before = pending_.size();
     pending_.erase(std::remove_if(pending_.begin(), pending_.end(),
-                                  [&](size_t s) { return s >= first && s < last; }),
+                                  [&](const Pending& p) { return p.slot >= first && p.slot < last; }),
                    pending_.end());
     dropped_ += before - pending_.size();
     flash_.eraseSector(sector);
@@ -112,8 +112,8 @@ bool FlashRing::append(const uint8_t* data, size_t len) {
         if (!flash_.program(slot * slotSize_ + 1, body.data(), body.size())) return false;
         const uint8_t commit = kCommitted;
         if (!flash_.program(slot * slotSize_, &commit, 1)) return false;
+        pending_.push_back({slot, nextCounter_});
         ++nextCounter_;
-        pending_.push_back(slot);
         haveNewest_ = true;
         newestSlot_ = slot;
         return true;
@@ -121,12 +121,17 @@ bool FlashRing::append(const uint8_t* data, size_t len) {
     return false;
 }
 
-bool FlashRing::peekOldest(std::vector<uint8_t>& out) {
-    while (!pending_.empty()) {
+bool FlashRing::peekAt(size_t index, std::vector<uint8_t>& out, uint32_t& key) {
+    while (index < pending_.size()) {
         uint32_t counter;
         uint8_t state;
-        if (readSlot(pending_.front(), out, counter, state) && state == kCommitted) return true;
-        pending_.pop_front();  // went bad since recovery (flash fault): drop it, keep the rest
+        const Pending p = pending_[index];
+        if (readSlot(p.slot, out, counter, state) && state == kCommitted && counter == p.counter) {
+            key = p.counter;
+            return true;
+        }
+        // Went bad since recovery (flash fault): drop it, keep the rest.
+        pending_.erase(pending_.begin() + static_cast<long>(index));
         ++dropped_;
     }
     return false;
@@ -140,14 +145,17 @@ bool FlashRing::peekNewest(std::vector<uint8_t>& out) {
     return haveNewest_ && readSlot(newestSlot_, out, counter, state);
 }
 
-bool FlashRing::popOldest() {
-    if (pending_.empty()) return false;
-    // A power cut before this byte lands replays the record once more after reboot: a duplicate
-    // that the backend absorbs (seq / energyTotal), never a loss.
-    const uint8_t consumed = kConsumed;
-    bool ok = flash_.program(pending_.front() * slotSize_, &consumed, 1);
-    pending_.pop_front();
-    return ok;
+bool FlashRing::consume(uint32_t key) {
+    for (auto it = pending_.begin(); it != pending_.end(); ++it) {
+        if (it->counter != key) continue;
+        // A power cut before this byte lands sends the record once more after reboot: a
+        // duplicate that the backend absorbs (same regId and seq), never a loss.
+        const uint8_t consumed = kConsumed;
+        bool ok = flash_.program(it->slot * slotSize_, &consumed, 1);
+        pending_.erase(it);
+        return ok;
+    }
+    return false;
 }
 
 }  // namespace meter

@@ -6,6 +6,8 @@
 #include <utility>
 #include <vector>
 
+#include "meter/flash_ring.h"
+
 namespace meter {
 namespace {
 
@@ -27,6 +29,10 @@ double fromBits(uint64_t v) {
     std::memcpy(&d, &v, sizeof d);
     return d;
 }
+uint32_t getU32(const uint8_t* p) {
+    return static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[1]) << 8) | (static_cast<uint32_t>(p[2]) << 16) |
+           (static_cast<uint32_t>(p[3]) << 24);
+}
 
 const char* conditionMessage(const std::string& condition) {
     if (condition == "error") return "Energy sensor not responding; relay open";
@@ -34,10 +40,47 @@ const char* conditionMessage(const std::string& condition) {
     return "Device operating normally";
 }
 
+bool plausibleState(const StateRecord& s) {
+    return std::isfinite(s.energyTotal) && s.energyTotal >= 0 && s.energyTotal <= kMaxEnergyTotal &&
+           std::isfinite(s.balance) && std::fabs(s.balance) <= kMaxAbsBalance + kMaxEnergyTotal &&
+           std::isfinite(s.rawKwh) && s.rawKwh >= 0 && s.rawKwh <= kMaxEnergyTotal && std::isfinite(s.unbilledKwh) &&
+           s.unbilledKwh >= 0 && s.unbilledKwh <= kMaxEnergyTotal;
+}
+
 }  // namespace
 
+std::vector<uint8_t> encodeState(const StateRecord& s) {
+    std::vector<uint8_t> b;
+    b.reserve(kStateRecordBytes);
+    b.push_back(2);
+    b.push_back(s.haveRaw ? 1 : 0);
+    for (size_t i = 0; i < kOwnRegIdChars; ++i) b.push_back(i < s.regId.size() ? static_cast<uint8_t>(s.regId[i]) : 0);
+    putLe(b, bitsOf(s.energyTotal));
+    putLe(b, bitsOf(s.balance));
+    putLe(b, bitsOf(s.rawKwh));
+    putLe(b, bitsOf(s.unbilledKwh));
+    uint32_t crc = crc32(b.data(), b.size());
+    for (int i = 0; i < 4; ++i) b.push_back(static_cast<uint8_t>(crc >> (8 * i)));
+    return b;
+}
+
+bool decodeState(const std::vector<uint8_t>& v, StateRecord& out) {
+    if (v.size() != kStateRecordBytes || v[0] != 2 || v[1] > 1) return false;
+    if (crc32(v.data(), kStateRecordBytes - 4) != getU32(v.data() + kStateRecordBytes - 4)) return false;
+    StateRecord s;
+    s.regId.assign(reinterpret_cast<const char*>(v.data() + 2), kOwnRegIdChars);
+    s.haveRaw = v[1] == 1;
+    s.energyTotal = fromBits(getLe(v.data() + 10));
+    s.balance = fromBits(getLe(v.data() + 18));
+    s.rawKwh = fromBits(getLe(v.data() + 26));
+    s.unbilledKwh = fromBits(getLe(v.data() + 34));
+    if (!validRegId(s.regId) || !plausibleState(s)) return false;
+    out = s;
+    return true;
+}
+
 MeterCore::MeterCore(const MeterConfig& cfg, Clock& clock, KvStore& kv, RecordLog& log, Relay& relay,
-                     EnergySource& energy, Publisher& publisher, std::string resetReason)
+                     EnergySource& energy, Publisher& publisher, Random& random, std::string resetReason)
     : cfg_(cfg),
       clock_(clock),
       kv_(kv),
@@ -45,11 +88,17 @@ MeterCore::MeterCore(const MeterConfig& cfg, Clock& clock, KvStore& kv, RecordLo
       relay_(relay),
       energy_(energy),
       publisher_(publisher),
+      random_(random),
       resetReason_(std::move(resetReason)),
       uptime_(clock.millis()) {
     // Zero would stall seq reservation or replay forever.
     cfg_.seqBlock = std::max<uint32_t>(cfg_.seqBlock, 1);
     cfg_.replayBatch = std::max<uint32_t>(cfg_.replayBatch, 1);
+    // A non-positive or non-finite rating would bill nothing at all.
+    if (!(cfg_.ratedMaxKw > 0 && cfg_.ratedMaxKw <= 1e6)) cfg_.ratedMaxKw = MeterConfig().ratedMaxKw;
+    if (!(cfg_.registerToleranceKwh >= 0 && cfg_.registerToleranceKwh <= 1)) {
+        cfg_.registerToleranceKwh = MeterConfig().registerToleranceKwh;
+    }
 }
 
 uint32_t MeterCore::now() {
@@ -64,10 +113,117 @@ uint64_t MeterCore::timestamp() {
     return uptime_.total();  // below 1e12: PROTOCOL.md's "time unknown"
 }
 
+std::string MeterCore::drawRegId() {
+    std::string id(kOwnRegIdChars, 'A');
+    for (size_t i = 0; i < kOwnRegIdChars; ++i) id[i] = kRegIdAlphabet[random_.next32() % 64];
+    return id;
+}
+
+void MeterCore::restoreState(uint32_t t) {
+    (void)t;
+    std::vector<uint8_t> v;
+    StateRecord st;
+    enum class From { Nothing, Nvs, Legacy } from = From::Nothing;
+    bool unreadable = false;
+    if (kv_.get(kKeyState, v)) {
+        if (decodeState(v, st)) {
+            from = From::Nvs;
+        } else if (v.size() == 16) {
+            st.energyTotal = fromBits(getLe(v.data()));
+            st.balance = fromBits(getLe(v.data() + 8));
+            if (plausibleState(st)) from = From::Legacy;
+            else unreadable = true;
+        } else {
+            unreadable = true;
+        }
+    }
+    // The newest logged report, consumed or not: a witness of the last register the meter sent.
+    Report newest;
+    ReportMeta meta;
+    bool haveNewest = log_.peekNewest(v) && unpackReport(v.data(), v.size(), newest, meta) &&
+                      std::isfinite(newest.energyTotal) && newest.energyTotal >= 0 &&
+                      newest.energyTotal <= kMaxEnergyTotal && std::isfinite(newest.remainingBalance);
+    bool persist = false;
+    bool fromLog = false;
+    if (from == From::Nvs) {
+        // The register on the wire must never step backwards (the backend bills increases only):
+        // a report newer than the state of the same history wins. The raw register at that report
+        // is the stored one plus what was billed in between, when nothing broke the chain.
+        if (haveNewest && newest.regId == st.regId && newest.energyTotal > st.energyTotal) {
+            if (st.haveRaw && meta.rawChained) st.rawKwh = st.rawKwh + (newest.energyTotal - st.energyTotal);
+            else st.haveRaw = false;
+            st.energyTotal = newest.energyTotal;
+            st.balance = newest.remainingBalance;
+            persist = true;
+        }
+    } else if (from == From::Legacy) {
+        // State written before register histories: the register continues under a new name.
+        if (haveNewest && newest.regId.empty() && newest.energyTotal > st.energyTotal) {
+            st.energyTotal = newest.energyTotal;
+            st.balance = newest.remainingBalance;
+        }
+        st.regId = drawRegId();
+        persist = true;
+    } else if (haveNewest) {
+        // NVS lost (erased, or a write that never landed) but the report log survived: the log's
+        // newest report carries the history, the register and the balance it had.
+        st.regId = newest.regId.empty() ? drawRegId() : newest.regId;
+        st.energyTotal = newest.energyTotal;
+        st.balance = newest.remainingBalance;
+        override_ = meta.relayOverride;
+        fromLog = true;
+        persist = true;
+        pendingNotice_ = kMsgStateFromLog;
+    } else {
+        // First boot, a new board, or everything erased: a register history starts from scratch.
+        st = StateRecord();
+        st.regId = drawRegId();
+        persist = true;
+        if (unreadable) pendingNotice_ = kMsgStateUnreadable;
+    }
+
+    regId_ = st.regId;
+    energyTotal_ = st.energyTotal;
+    balance_ = st.balance;
+    unbilledKwh_ = st.unbilledKwh;
+    if (st.haveRaw) {
+        haveBaseline_ = true;
+        baseline_ = st.rawKwh;
+        baselineAtMs_ = uptime_.total();
+        baselineGapMs_ = cfg_.bootGapMs;
+        rawChained_ = !persist;  // the chain is to the record in NVS, rewritten below if persist
+    }
+
+    // seq: above everything this history may have sent. The log's newest record is a witness
+    // too (the seq block in NVS can be lost with the rest of NVS).
+    std::vector<uint8_t> sv;
+    uint64_t stored = 0;
+    if (kv_.get(kKeySeq, sv) && sv.size() == 8) stored = getLe(sv.data());
+    seqNext_ = stored;
+    if (haveNewest && newest.seq + 1 > seqNext_) seqNext_ = newest.seq + 1;
+    if (seqNext_ + cfg_.seqBlock > kMaxPackedSeq) {
+        // Beyond anything a meter reaches (2^40 reports): corrupt. seq is ordered within a
+        // register history only, so a new history may start again from 0.
+        seqNext_ = 0;
+        regId_ = drawRegId();
+        energyTotal_ = 0;
+        balance_ = 0;
+        unbilledKwh_ = 0;
+        haveBaseline_ = false;
+        persist = true;
+        pendingNotice_ = kMsgStateUnreadable;
+    }
+
+    // The relay override is written at once on every change; the log's copy serves only when
+    // NVS lost it too.
+    if (kv_.get(kKeyRelay, v) && v.size() == 1 && v[0] <= 2) override_ = static_cast<RelayOverride>(v[0]);
+    else if (!fromLog) override_ = RelayOverride::Auto;
+    if (persist) persistState();
+}
+
 void MeterCore::begin() {
     uint32_t t = now();
-    std::vector<uint8_t> v;
-    if (kv_.get(kKeySeq, v) && v.size() == 8) seqNext_ = getLe(v.data());
+    restoreState(t);
     // Reserve a block: the stored value is always above every seq this boot can use, so a
     // reboot at any moment resumes above the last one sent (a gap, never a repeat), at the cost
     // of one flash write per seqBlock reports.
@@ -75,21 +231,6 @@ void MeterCore::begin() {
     std::vector<uint8_t> s;
     putLe(s, seqCeiling_);
     kv_.put(kKeySeq, s.data(), s.size());
-
-    if (kv_.get(kKeyState, v) && v.size() == 16) {
-        energyTotal_ = fromBits(getLe(v.data()));
-        balance_ = fromBits(getLe(v.data() + 8));
-    }
-    // The register on the wire must never step backwards: the backend bills only increases,
-    // so energy between a restored register and the last one sent would be lost for good.
-    // The state is written before every report leaves (emitReport), and the newest record of
-    // the report log is a second witness for when that write failed (NVS full, flash fault).
-    Report newest;
-    if (log_.peekNewest(v) && unpackReport(v.data(), v.size(), newest) && newest.energyTotal > energyTotal_) {
-        energyTotal_ = newest.energyTotal;
-        balance_ = newest.remainingBalance;
-    }
-    if (kv_.get(kKeyRelay, v) && v.size() == 1 && v[0] <= 2) override_ = static_cast<RelayOverride>(v[0]);
 
     lastReportMs_ = t;
     lastPersistMs_ = t;
@@ -102,6 +243,10 @@ void MeterCore::loop() {
     if (!sampledOnce_ || elapsedMs(t, lastSampleMs_) >= cfg_.sampleIntervalMs) sample(t);
     applyRelay();
     publishConditionIfChanged();
+    if (overRatedPending_ && connected_) {
+        overRatedPending_ = false;
+        publishNotice(kMsgOverRated);
+    }
     if (elapsedMs(t, lastReportMs_) >= cfg_.reportIntervalMs) {
         // Next report one interval from now, not from the missed deadline: after a stall the
         // meter sends one report covering the whole gap instead of a burst of empty ones.
@@ -135,23 +280,40 @@ void MeterCore::sample(uint32_t t) {
     }
     sensorFailing_ = false;
     sensorFault_ = false;
+    uint64_t at = uptime_.total();
     if (!haveBaseline_) {
-        // The first reading after boot is the baseline: energy used while the ESP32 was down
-        // is not known to have been billed, and is not billed twice.
+        // No register saved with the state (first boot, lost state): this reading is the
+        // baseline, and it is saved with the next state write.
         haveBaseline_ = true;
         baseline_ = kwh;
+        baselineAtMs_ = at;
+        baselineGapMs_ = 0;
+        stateDirty_ = true;
         return;
     }
     double delta = kwh - baseline_;
+    uint64_t spanMs = (at - baselineAtMs_) + baselineGapMs_;
     // The baseline follows the register either way. A register that went backwards was reset
     // or replaced (the PZEM counts whole Wh, it does not jitter): keeping the old baseline would
     // deliver free energy until the new register caught up.
     baseline_ = kwh;
+    baselineAtMs_ = at;
+    baselineGapMs_ = 0;
     if (delta > 0) {
+        double cap = cfg_.ratedMaxKw * static_cast<double>(spanMs) / 3600000.0 + kRegisterStepKwh;
+        if (delta > cap) {
+            unbilledKwh_ += delta - cap;
+            delta = cap;
+            rawChained_ = false;
+            overRatedPending_ = true;
+        }
         energyTotal_ += delta;
         sessionTotal_ += delta;
         intervalUnits_ += delta;
         balance_ -= delta;
+        stateDirty_ = true;
+    } else if (delta < 0) {
+        rawChained_ = false;
         stateDirty_ = true;
     }
 }
@@ -185,6 +347,8 @@ StatusInfo MeterCore::statusInfo(const std::string& status, const std::string& m
     s.fw = cfg_.fwVersion;
     s.uptimeS = uptime_.total() / 1000;
     s.resetReason = resetReason_;
+    s.regId = regId_;
+    s.unbilledKwh = unbilledKwh_;
     s.cmdId = cmdId;
     return s;
 }
@@ -195,6 +359,10 @@ void MeterCore::publishStatus(const std::string& status, const std::string& mess
     publishedCondition_ = status;
     lastStatusMs_ = nowMs_;
 }
+
+// An event, not a condition: status "error" with the message, then (publishConditionIfChanged,
+// at once or in the next loop) the meter's actual condition again, which stays retained.
+void MeterCore::publishNotice(const std::string& message) { publishStatus("error", message, ""); }
 
 void MeterCore::publishConditionIfChanged() {
     std::string c = condition();
@@ -219,18 +387,21 @@ void MeterCore::emitReport() {
     r.remainingBalance = balance_;
     r.totalConsumed = sessionTotal_;
     r.energyTotal = energyTotal_;
+    r.regId = regId_;
     intervalUnits_ = 0;
     // "Never lose a kWh": the register this report carries is in flash before the report can
-    // leave, so after a power cut the meter resumes at or above every energyTotal it ever sent
-    // (see the wear budget in README.md: ~2,900 writes a day at 30 s reports).
+    // leave, so after a power cut the meter resumes at or above every energyTotal it ever sent.
     persistState();
     // Straight to MQTT only when nothing older is waiting: reports leave oldest-first.
     if (connected_ && log_.size() == 0 &&
-        publisher_.publish(topic("consumption"), encodeReport(cfg_.meterNo, r), 1, false)) {
+        publisher_.publish(topic("consumption"), encodeReport(cfg_.meterNo, r), 1, false) >= 0) {
         return;
     }
-    std::vector<uint8_t> b = packReport(r);
-    log_.append(b.data(), b.size());
+    ReportMeta meta;
+    meta.relayOverride = override_;
+    meta.rawChained = rawChained_;
+    std::vector<uint8_t> b = packReport(r, meta);
+    if (!b.empty()) log_.append(b.data(), b.size());
 }
 
 void MeterCore::drainBuffer() {
@@ -238,24 +409,32 @@ void MeterCore::drainBuffer() {
     // A bounded batch per call keeps the esp_mqtt outbox (RAM) small after a long outage.
     std::vector<uint8_t> rec;
     for (uint32_t n = 0; n < cfg_.replayBatch && log_.size() > 0; ++n) {
-        if (!log_.peekOldest(rec)) break;
+        uint32_t key;
+        if (!log_.peekAt(0, rec, key)) break;
         Report r;
-        if (!unpackReport(rec.data(), rec.size(), r)) {
-            log_.popOldest();  // not a report of ours: drop it rather than block the queue
+        ReportMeta meta;
+        if (!unpackReport(rec.data(), rec.size(), r, meta)) {
+            log_.consume(key);  // not a report of ours: drop it rather than block the queue
             continue;
         }
-        if (!publisher_.publish(topic("consumption"), encodeReport(cfg_.meterNo, r), 1, false)) break;
-        log_.popOldest();
+        if (publisher_.publish(topic("consumption"), encodeReport(cfg_.meterNo, r), 1, false) < 0) break;
+        log_.consume(key);
     }
 }
 
 void MeterCore::persistState() {
-    std::vector<uint8_t> s;
-    putLe(s, bitsOf(energyTotal_));
-    putLe(s, bitsOf(balance_));
+    StateRecord st;
+    st.regId = regId_;
+    st.energyTotal = energyTotal_;
+    st.balance = balance_;
+    st.haveRaw = haveBaseline_;
+    st.rawKwh = haveBaseline_ ? baseline_ : 0;
+    st.unbilledKwh = unbilledKwh_;
+    std::vector<uint8_t> s = encodeState(st);
     kv_.put(kKeyState, s.data(), s.size());
     lastPersistMs_ = nowMs_;
     stateDirty_ = false;
+    rawChained_ = haveBaseline_;
 }
 
 void MeterCore::persistNow() {
@@ -270,6 +449,10 @@ void MeterCore::onConnected() {
     // them (a seed-only backend has no energyTotal to reconcile with).
     drainBuffer();
     publishStatus("online", conditionMessage("online"), "");
+    if (!pendingNotice_.empty()) {
+        publishNotice(pendingNotice_);
+        pendingNotice_.clear();
+    }
     publishConditionIfChanged();
 }
 
@@ -300,21 +483,30 @@ void MeterCore::onMessage(const std::string& t, const std::string& payload) {
 }
 
 void MeterCore::applyBalanceCommand(const BalanceCommand& cmd) {
-    if (cmd.hasEnergyTotal) {
-        // PROTOCOL.md: the ledger's balance accounts consumption up to cmd.energyTotal; what
-        // this meter billed since then (in flight, or buffered) is still owed.
+    // PROTOCOL.md: the ledger's balance accounts consumption up to cmd.energyTotal of the
+    // register history cmd.regId; what this meter billed since then (in flight, or buffered) is
+    // still owed. A command about another history (this meter lost its state, or its board was
+    // replaced) sets the balance as it is: the difference between someone else's register and
+    // this one is not a credit.
+    const char* notApplied = nullptr;
+    if (!cmd.hasEnergyTotal) {
+        balance_ = cmd.balance;  // seed-only backend
+    } else if (!cmd.regId.empty() ? cmd.regId == regId_
+                                  : cmd.energyTotal <= energyTotal_ + cfg_.registerToleranceKwh) {
         balance_ = cmd.balance - (energyTotal_ - cmd.energyTotal);
     } else {
-        balance_ = cmd.balance;  // seed-only backend
+        balance_ = cmd.balance;
+        notApplied = cmd.regId.empty() ? kMsgRegisterAhead : kMsgRegIdMismatch;
     }
     // A new balance is persisted at once (not throttled): losing a payment to a power cut
     // would switch a paying customer off until the next resync.
     persistState();
     applyRelay();
     if (connected_) {
-        publisher_.publish(topic("balance"), encodeBalanceReport(cfg_.meterNo, balance_, timestamp(), cmd.cmdId), 0,
-                           false);
+        publisher_.publish(topic("balance"),
+                           encodeBalanceReport(cfg_.meterNo, balance_, timestamp(), regId_, cmd.cmdId), 0, false);
     }
+    if (notApplied != nullptr) publishNotice(notApplied);
     publishConditionIfChanged();
 }
 

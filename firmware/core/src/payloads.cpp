@@ -82,6 +82,16 @@ double getF64(const uint8_t* p) {
 
 }  // namespace
 
+const char kRegIdAlphabet[65] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+bool validRegId(const std::string& id) {
+    if (id.empty() || id.size() > kMaxRegIdBytes) return false;
+    for (char c : id) {
+        if (std::strchr(kRegIdAlphabet, c) == nullptr || c == '\0') return false;
+    }
+    return true;
+}
+
 std::string jsonNumber(double v) {
     // cJSON prints 15 digits whenever they parse back to *approximately* the same double, which
     // loses the last bits of some values. The shortest of %.15g/%.16g/%.17g that parses back
@@ -104,6 +114,7 @@ std::string encodeReport(const std::string& meterNo, const Report& r) {
     addU64(root.p, "timestamp", r.timestamp);
     addU64(root.p, "seq", r.seq);
     addNumber(root.p, "energyTotal", round6(r.energyTotal));
+    if (!r.regId.empty()) addString(root.p, "regId", r.regId);
     return print(root.p);
 }
 
@@ -119,16 +130,19 @@ std::string encodeStatus(const std::string& meterNo, const StatusInfo& s) {
     addString(root.p, "fw", s.fw);
     addU64(root.p, "uptime", s.uptimeS);
     addString(root.p, "resetReason", s.resetReason);
+    addString(root.p, "regId", s.regId);
+    addNumber(root.p, "unbilledKwh", round6(s.unbilledKwh));
     if (!s.cmdId.empty()) addString(root.p, "cmdId", s.cmdId);
     return print(root.p);
 }
 
 std::string encodeBalanceReport(const std::string& meterNo, double balance, uint64_t timestamp,
-                                const std::string& cmdId) {
+                                const std::string& regId, const std::string& cmdId) {
     Json root(cJSON_CreateObject());
     addString(root.p, "meterNo", meterNo);
     addNumber(root.p, "balance", round6(balance));
     addU64(root.p, "timestamp", timestamp);
+    addString(root.p, "regId", regId);
     if (!cmdId.empty()) addString(root.p, "cmdId", cmdId);
     return print(root.p);
 }
@@ -154,6 +168,13 @@ bool decodeBalanceCommand(const std::string& payload, BalanceCommand& out) {
         cmd.hasEnergyTotal = true;
         cmd.energyTotal = et->valuedouble;
     }
+    const cJSON* rid = cJSON_GetObjectItemCaseSensitive(root.p, "regId");
+    if (rid != nullptr) {
+        // Like energyTotal: a regId that is present but unusable rejects the command, since the
+        // meter could not tell whose register the balance refers to.
+        if (!cJSON_IsString(rid) || rid->valuestring == nullptr || !validRegId(rid->valuestring)) return false;
+        cmd.regId = rid->valuestring;
+    }
     cmd.cmdId = readCmdId(root.p);
     out = cmd;
     return true;
@@ -174,26 +195,65 @@ bool decodeRelayCommand(const std::string& payload, RelayCommand& out) {
     return true;
 }
 
-std::vector<uint8_t> packReport(const Report& r) {
+namespace {
+void putBytesLe(std::vector<uint8_t>& b, uint64_t v, int n) {
+    for (int i = 0; i < n; ++i) b.push_back(static_cast<uint8_t>(v >> (8 * i)));
+}
+uint64_t getBytesLe(const uint8_t* p, int n) {
+    uint64_t v = 0;
+    for (int i = n - 1; i >= 0; --i) v = (v << 8) | p[i];
+    return v;
+}
+}  // namespace
+
+std::vector<uint8_t> packReport(const Report& r, const ReportMeta& meta) {
+    if (r.seq > kMaxPackedSeq || r.timestamp > kMaxPackedTimestamp || r.regId.size() != kOwnRegIdChars ||
+        !validRegId(r.regId)) {
+        return {};
+    }
+    uint64_t rid = 0;
+    for (size_t i = 0; i < kOwnRegIdChars; ++i) {
+        uint64_t index = static_cast<uint64_t>(std::strchr(kRegIdAlphabet, r.regId[i]) - kRegIdAlphabet);
+        rid |= index << (6 * i);
+    }
     std::vector<uint8_t> b;
     b.reserve(kPackedReportBytes);
-    putU64(b, r.seq);
-    putU64(b, r.timestamp);
+    b.push_back(0x02);
+    b.push_back(static_cast<uint8_t>(static_cast<uint8_t>(meta.relayOverride) | (meta.rawChained ? 0x04 : 0)));
+    putBytesLe(b, r.seq, 5);
+    putBytesLe(b, r.timestamp, 6);
     putF64(b, r.unitsConsumed);
     putF64(b, r.remainingBalance);
     putF64(b, r.totalConsumed);
     putF64(b, r.energyTotal);
+    putBytesLe(b, rid, 6);
     return b;
 }
 
-bool unpackReport(const uint8_t* data, size_t len, Report& out) {
-    if (len != kPackedReportBytes) return false;
-    out.seq = getU64(data);
-    out.timestamp = getU64(data + 8);
-    out.unitsConsumed = getF64(data + 16);
-    out.remainingBalance = getF64(data + 24);
-    out.totalConsumed = getF64(data + 32);
-    out.energyTotal = getF64(data + 40);
+bool unpackReport(const uint8_t* data, size_t len, Report& out, ReportMeta& meta) {
+    if (len == kPackedReportBytesV1) {
+        out.seq = getU64(data);
+        out.timestamp = getU64(data + 8);
+        out.unitsConsumed = getF64(data + 16);
+        out.remainingBalance = getF64(data + 24);
+        out.totalConsumed = getF64(data + 32);
+        out.energyTotal = getF64(data + 40);
+        out.regId.clear();
+        meta = ReportMeta();
+        return true;
+    }
+    if (len != kPackedReportBytes || data[0] != 0x02 || (data[1] & 0x03) > 2 || (data[1] & 0xF8) != 0) return false;
+    meta.relayOverride = static_cast<RelayOverride>(data[1] & 0x03);
+    meta.rawChained = (data[1] & 0x04) != 0;
+    out.seq = getBytesLe(data + 2, 5);
+    out.timestamp = getBytesLe(data + 7, 6);
+    out.unitsConsumed = getF64(data + 13);
+    out.remainingBalance = getF64(data + 21);
+    out.totalConsumed = getF64(data + 29);
+    out.energyTotal = getF64(data + 37);
+    uint64_t rid = getBytesLe(data + 45, 6);
+    out.regId.assign(kOwnRegIdChars, 'A');
+    for (size_t i = 0; i < kOwnRegIdChars; ++i) out.regId[i] = kRegIdAlphabet[(rid >> (6 * i)) & 63];
     return true;
 }
 

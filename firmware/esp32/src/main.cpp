@@ -9,6 +9,7 @@
 #include <ArduinoOTA.h>
 #include <Preferences.h>
 #include <WiFi.h>
+#include <bootloader_random.h>
 #include <esp_partition.h>
 #include <esp_sntp.h>
 #include <esp_system.h>
@@ -51,6 +52,13 @@ public:
         out = static_cast<uint64_t>(tv.tv_sec) * 1000ULL + static_cast<uint64_t>(tv.tv_usec / 1000);
         return true;
     }
+};
+
+// The hardware RNG. Before Wi-Fi starts it has no RF noise, so setup() draws with the SAR ADC
+// entropy source enabled (bootloader_random_enable) around MeterCore::begin().
+class EspRandom : public meter::Random {
+public:
+    uint32_t next32() override { return esp_random(); }
 };
 
 // NVS through Arduino's Preferences: wear-levelled and power-safe; the core throttles writes.
@@ -101,23 +109,33 @@ class RamLog : public meter::RecordLog {
 public:
     bool append(const uint8_t* d, size_t n) override {
         if (items_.size() >= 256) items_.erase(items_.begin());
-        items_.emplace_back(d, d + n);
+        items_.push_back({nextKey_++, std::vector<uint8_t>(d, d + n)});
         return true;
     }
-    bool peekOldest(std::vector<uint8_t>& out) override {
-        if (items_.empty()) return false;
-        out = items_.front();
+    bool peekAt(size_t index, std::vector<uint8_t>& out, uint32_t& key) override {
+        if (index >= items_.size()) return false;
+        out = items_[index].data;
+        key = items_[index].key;
         return true;
     }
-    bool popOldest() override {
-        if (items_.empty()) return false;
-        items_.erase(items_.begin());
-        return true;
+    bool consume(uint32_t key) override {
+        for (auto it = items_.begin(); it != items_.end(); ++it) {
+            if (it->key == key) {
+                items_.erase(it);
+                return true;
+            }
+        }
+        return false;
     }
     size_t size() const override { return items_.size(); }
 
 private:
-    std::vector<std::vector<uint8_t>> items_;
+    struct Item {
+        uint32_t key;
+        std::vector<uint8_t> data;
+    };
+    std::vector<Item> items_;
+    uint32_t nextKey_ = 1;
 };
 
 class GpioRelay : public meter::Relay {
@@ -167,15 +185,15 @@ std::string g_willTopic, g_willPayload;
 
 class EspMqttPublisher : public meter::Publisher {
 public:
-    bool publish(const std::string& topic, const std::string& payload, int qos, bool retain) override {
+    int publish(const std::string& topic, const std::string& payload, int qos, bool retain) override {
         // Flow control: a refused report stays in the flash ring; without this, replaying a
         // long outage would move the whole ring into the outbox in RAM.
-        if (!g_mqtt || (qos > 0 && g_inflight >= 8)) return false;
+        if (!g_mqtt || (qos > 0 && g_inflight >= 8)) return -1;
         int id = esp_mqtt_client_enqueue(g_mqtt, topic.c_str(), payload.data(), static_cast<int>(payload.size()), qos,
                                          retain ? 1 : 0, true);
-        if (id < 0) return false;
+        if (id < 0) return -1;
         if (qos > 0) ++g_inflight;
-        return true;
+        return id;
     }
 };
 
@@ -225,6 +243,7 @@ std::unique_ptr<meter::RecordLog> g_log;
 GpioRelay g_relay;
 PzemEnergy g_energy;
 EspMqttPublisher g_publisher;
+EspRandom g_random;
 std::unique_ptr<meter::MeterCore> g_core;
 
 meter::Backoff g_wifiBackoff(4000, 120000);  // association takes seconds: start at 2-4 s
@@ -352,8 +371,10 @@ void setup() {
     cfg.reportIntervalMs = REPORT_INTERVAL_MS;
     cfg.sensorFailTimeoutMs = SENSOR_FAIL_TIMEOUT_MS;
     cfg.lowBalanceThreshold = LOW_BALANCE_KWH;
-    g_core.reset(new meter::MeterCore(cfg, g_clock, g_kv, *g_log, g_relay, g_energy, g_publisher, reason));
-    g_core->begin();  // relay set from the persisted balance before any network exists
+    g_core.reset(new meter::MeterCore(cfg, g_clock, g_kv, *g_log, g_relay, g_energy, g_publisher, g_random, reason));
+    bootloader_random_enable();  // true random numbers before Wi-Fi, for a regId drawn at begin()
+    g_core->begin();             // relay set from the persisted balance before any network exists
+    bootloader_random_disable(); // before Wi-Fi or the ADC are used
 
     sntp_set_time_sync_notification_cb(onTimeSynced);
     configTime(0, 0, NTP_SERVER_1, NTP_SERVER_2);

@@ -13,6 +13,8 @@
 // in place is a known boot-loop cause in ESP32 energy firmware).
 // When the ring is full, the sector holding the oldest records is erased before reuse: the
 // newest reports matter most, since each one carries the whole energy register.
+// Records are consumed in any order (a report is consumed when its PUBACK arrives, and the
+// broker may acknowledge a resent report after a newer one); the key of a record is its counter.
 #pragma once
 
 #include <cstddef>
@@ -42,8 +44,8 @@ public:
     void recover();
 
     bool append(const uint8_t* data, size_t len) override;
-    bool peekOldest(std::vector<uint8_t>& out) override;
-    bool popOldest() override;
+    bool peekAt(size_t index, std::vector<uint8_t>& out, uint32_t& key) override;
+    bool consume(uint32_t key) override;
     bool peekNewest(std::vector<uint8_t>& out) override;
     size_t size() const override { return pending_.size(); }
 
@@ -62,7 +64,11 @@ private:
     size_t slotsPerSector_;
     size_t writeSlot_ = 0;   // next slot to try
     uint32_t nextCounter_ = 1;
-    std::deque<size_t> pending_;  // committed, not consumed, oldest first
+    struct Pending {
+        size_t slot;
+        uint32_t counter;  // the record's key
+    };
+    std::deque<Pending> pending_;  // committed, not consumed, oldest first
     bool haveNewest_ = false;     // newestSlot_ holds the highest-counter record (any state)
     size_t newestSlot_ = 0;
     size_t dropped_ = 0;

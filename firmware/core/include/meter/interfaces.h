@@ -28,18 +28,48 @@ public:
     virtual bool put(const char* key, const uint8_t* data, size_t len) = 0;
 };
 
-// A persistent FIFO of records (the offline report buffer). When full, append drops the oldest.
+// A persistent log of records (the report ring, which is also the MQTT outbox). A record is
+// pending from append until consume(key); when the log is full, append drops the oldest.
 class RecordLog {
 public:
     virtual ~RecordLog() = default;
     virtual bool append(const uint8_t* data, size_t len) = 0;
-    virtual bool peekOldest(std::vector<uint8_t>& out) = 0;
-    virtual bool popOldest() = 0;
-    virtual size_t size() const = 0;
-    // The newest record ever appended that the log still holds, replayed (consumed) or not.
-    // begin() consults it as a second witness of the last energy register the meter sent; a
-    // log that forgets records (RAM only) may simply return false.
+    virtual size_t size() const = 0;  // pending records
+    // The i-th pending record, oldest first, and its key (stable across reboots).
+    virtual bool peekAt(size_t index, std::vector<uint8_t>& out, uint32_t& key) = 0;
+    // Marks the record `key` as delivered; false if it is not pending (already consumed or dropped).
+    virtual bool consume(uint32_t key) = 0;
+    bool peekOldest(std::vector<uint8_t>& out) {
+        uint32_t key;
+        return peekAt(0, out, key);
+    }
+    bool popOldest() {
+        std::vector<uint8_t> out;
+        uint32_t key;
+        return peekAt(0, out, key) && consume(key);
+    }
+    // The newest record ever appended that the log still holds, consumed or not. begin()
+    // consults it as a witness of the last register the meter sent; a log that forgets records
+    // (RAM only) may simply return false.
     virtual bool peekNewest(std::vector<uint8_t>& /*out*/) { return false; }
+};
+
+// RAM that survives a soft reset but not a power cut (RTC_NOINIT memory on the ESP32). The
+// core keeps an exact copy of its state here, so a watchdog or software reset bills the energy
+// in between without any flash write.
+class RetainedStore {
+public:
+    virtual ~RetainedStore() = default;
+    virtual bool load(std::vector<uint8_t>& out) = 0;
+    virtual void store(const uint8_t* data, size_t len) = 0;
+};
+
+// Uniform 32-bit random numbers (esp_random() with an entropy source on the device; seeded and
+// repeatable on the host, so that traces and tests are deterministic).
+class Random {
+public:
+    virtual ~Random() = default;
+    virtual uint32_t next32() = 0;
 };
 
 class Relay {
@@ -56,11 +86,18 @@ public:
     virtual bool readKwh(double& kwh) = 0;
 };
 
+// The MQTT client (esp_mqtt on the device). A QoS 1 message is delivered when the client
+// reports its PUBACK (MeterCore::onPublished with the id publish() returned), or lost when the
+// client drops it from its outbox (esp_mqtt deletes unacknowledged messages 30 s after they were
+// queued, silently unless MQTT_REPORT_DELETED_MESSAGES is set).
 class Publisher {
 public:
     virtual ~Publisher() = default;
-    // true when the client took the message (for QoS 1: it is in the client's outbox).
-    virtual bool publish(const std::string& topic, const std::string& payload, int qos, bool retain) = 0;
+    // The message id (> 0) of a QoS 1 message, 0 for a QoS 0 message the client took, or -1
+    // when the client refused it.
+    virtual int publish(const std::string& topic, const std::string& payload, int qos, bool retain) = 0;
+    // Bytes waiting in the client's outbox (esp_mqtt_client_get_outbox_size): flow control.
+    virtual size_t outboxBytes() { return 0; }
 };
 
 // Raw NOR-flash-like storage for the ring buffer: erase sets a sector to 0xFF, program can only

@@ -1,11 +1,14 @@
-// The meter's state machine: billing on register deltas, local balance and reconciliation,
-// relay policy, reports with seq/energyTotal, offline buffering and replay, persistence (at
-// every report, so the register on the wire never steps backwards after a power cut). devtools/sim/meter_core.py is a line-by-line port; when a rule changes here it
-// changes there too, and firmware/trace/ holds the traces that prove both still agree.
+// The meter's state machine: billing on register deltas (capped at the rated power), local
+// balance and reconciliation within a register history (regId), relay policy, reports with
+// seq/energyTotal/regId, offline buffering and replay, persistence (the register on the wire
+// never steps backwards after a power cut, and energy used across a reboot is billed).
+// devtools/sim/meter_core.py is a line-by-line port; when a rule changes here it changes there
+// too, and firmware/trace/ holds the traces (with golden output) that prove both still agree.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "meter/interfaces.h"
 #include "meter/numeric.h"
@@ -24,6 +27,16 @@ struct MeterConfig {
     uint32_t seqBlock = 64;                 // seq values reserved per flash write
     uint32_t replayBatch = 20;              // buffered reports handed to MQTT per loop()
     double lowBalanceThreshold = 1.0;       // kWh; at or below: status low_balance
+    // The most the supply can deliver (80 A at 230 V). A sample's delta above ratedMaxKw x the
+    // time since the previous reading is not billed: it is counted in unbilledKwh and reported,
+    // so that a glitching or tampered register is visible instead of charged or forgiven.
+    double ratedMaxKw = 18.4;
+    // The time the first reading after a boot is allowed to cover beyond the uptime: the state
+    // is at most persistIntervalMs old, plus the reboot itself.
+    uint32_t bootGapMs = 120000;
+    // A balance command without regId applies its energyTotal only up to this far above the
+    // meter's own register (PROTOCOL.md: rounding on the wire, never a foreign register).
+    double registerToleranceKwh = 0.01;
 };
 
 struct Message {
@@ -35,13 +48,43 @@ struct Message {
 
 // Keys in the KvStore; the layouts are little-endian and repeated in meter_core.py.
 constexpr const char* kKeySeq = "seq";      // u64: first seq the next boot may use
-constexpr const char* kKeyState = "state";  // f64 energyTotal, f64 balance
+constexpr const char* kKeyState = "state";  // StateRecord (encodeState); 16 bytes: the layout before regId
 constexpr const char* kKeyRelay = "relay";  // u8 RelayOverride
+
+// One PZEM-004T register step (1 Wh): allowed on top of the rated-power cap, since two readings
+// of a register that counts whole Wh can differ by one step more than the energy between them.
+constexpr double kRegisterStepKwh = 0.001;
+
+// The persisted state (NVS "state" and, after part B, the retained RAM copy), 46 bytes:
+//   [0] version 2, [1] flags (bit 0: rawKwh valid), [2..9] regId (8 characters),
+//   [10..17] f64 energyTotal, [18..25] f64 balance, [26..33] f64 rawKwh (the sensor register
+//   at energyTotal), [34..41] f64 unbilledKwh, [42..45] CRC-32 of [0..41].
+// Version 1 (16 bytes: f64 energyTotal, f64 balance) is what firmware before register
+// histories wrote; begin() migrates it (keeps the register, draws a regId).
+struct StateRecord {
+    std::string regId;
+    double energyTotal = 0;
+    double balance = 0;
+    bool haveRaw = false;
+    double rawKwh = 0;
+    double unbilledKwh = 0;
+};
+constexpr size_t kStateRecordBytes = 46;
+std::vector<uint8_t> encodeState(const StateRecord& s);
+// false for anything but a well-formed version 2 record with plausible values.
+bool decodeState(const std::vector<uint8_t>& v, StateRecord& out);
+
+// Status messages for events that are not a lasting condition (PROTOCOL-ext.md lists them).
+constexpr const char* kMsgRegIdMismatch = "Balance command for another register history: energyTotal not applied";
+constexpr const char* kMsgRegisterAhead = "Balance command energyTotal is ahead of this meter's register: not applied";
+constexpr const char* kMsgOverRated = "Energy register advanced faster than the rated power: excess not billed";
+constexpr const char* kMsgStateUnreadable = "Stored state unreadable: new register history";
+constexpr const char* kMsgStateFromLog = "Stored state missing or unreadable: resumed from the report log";
 
 class MeterCore {
 public:
     MeterCore(const MeterConfig& cfg, Clock& clock, KvStore& kv, RecordLog& log, Relay& relay,
-              EnergySource& energy, Publisher& publisher, std::string resetReason);
+              EnergySource& energy, Publisher& publisher, Random& random, std::string resetReason);
 
     // Restores the persisted state, reserves a block of seq numbers and sets the relay.
     void begin();
@@ -62,6 +105,8 @@ public:
 
     double balance() const { return balance_; }
     double energyTotal() const { return energyTotal_; }
+    const std::string& regId() const { return regId_; }
+    double unbilledKwh() const { return unbilledKwh_; }
     double sessionTotal() const { return sessionTotal_; }
     bool relayClosed() const { return relayOn_; }
     bool sensorFault() const { return sensorFault_; }
@@ -77,6 +122,9 @@ private:
     void applyRelay();
     void publishConditionIfChanged();
     void publishStatus(const std::string& status, const std::string& message, const std::string& cmdId);
+    void publishNotice(const std::string& message);
+    std::string drawRegId();
+    void restoreState(uint32_t t);
     void emitReport();
     void drainBuffer();
     void persistState();
@@ -92,6 +140,7 @@ private:
     Relay& relay_;
     EnergySource& energy_;
     Publisher& publisher_;
+    Random& random_;
     std::string resetReason_;
 
     UptimeCounter uptime_;
@@ -102,10 +151,16 @@ private:
     double energyTotal_ = 0;    // lifetime billed energy, persisted, never decreasing
     double sessionTotal_ = 0;   // billed since this boot (totalConsumed)
     double intervalUnits_ = 0;  // billed since the last report (unitsConsumed)
+    std::string regId_;         // the register history energyTotal and seq belong to
+    double unbilledKwh_ = 0;    // measured beyond the rated power, not billed (this history)
 
-    // Energy register tracking.
+    // Energy register tracking. The baseline is the sensor register already billed up to; at
+    // boot it is the one saved with the state, so that energy used across the reboot is billed.
     bool haveBaseline_ = false;
     double baseline_ = 0;
+    uint64_t baselineAtMs_ = 0;   // uptime of the baseline reading
+    uint32_t baselineGapMs_ = 0;  // time before boot the stored baseline may cover (bootGapMs)
+    bool rawChained_ = false;     // baseline followed without a break since the last state write
     bool sampledOnce_ = false;
     uint32_t lastSampleMs_ = 0;
     bool sensorFailing_ = false;
@@ -123,6 +178,10 @@ private:
     uint32_t lastReportMs_ = 0;
     uint32_t lastPersistMs_ = 0;
     bool stateDirty_ = false;
+
+    // An event to publish as a status once connected (stored state lost or unreadable).
+    std::string pendingNotice_;
+    bool overRatedPending_ = false;
 
     // Connection.
     bool connected_ = false;

@@ -60,6 +60,18 @@ public:
         auto it = writes_.find(key);
         return it == writes_.end() ? 0 : it->second;
     }
+    size_t totalWrites() const {
+        size_t n = 0;
+        for (const auto& w : writes_) n += w.second;
+        return n;
+    }
+    // The whole partition erased (Arduino's initArduino erases NVS on NO_FREE_PAGES).
+    void wipe() { data_.clear(); }
+    // A stored value damaged in place (a bit flip the NVS CRC did not catch, a bad migration).
+    void corrupt(const std::string& key) {
+        auto it = data_.find(key);
+        if (it != data_.end() && !it->second.empty()) it->second[it->second.size() / 2] ^= 0x5A;
+    }
 
 private:
     std::map<std::string, std::vector<uint8_t>> data_;
@@ -151,6 +163,22 @@ public:
     double value = 0;
 };
 
+// xorshift32: deterministic, so a regId drawn in a test or trace is the same in the C++ core
+// and in the Python port (meter_core.py XorShift32).
+class XorShiftRandom : public Random {
+public:
+    explicit XorShiftRandom(uint32_t seed = 1) : x_(seed ? seed : 1) {}
+    uint32_t next32() override {
+        x_ ^= x_ << 13;
+        x_ ^= x_ >> 17;
+        x_ ^= x_ << 5;
+        return x_;
+    }
+
+private:
+    uint32_t x_;
+};
+
 struct Published {
     std::string topic;
     std::string payload;
@@ -158,15 +186,18 @@ struct Published {
     bool retain;
 };
 
+// A client that takes every message and acknowledges nothing by itself (tests that need PUBACKs
+// use FakeEspMqtt).
 class RecordingPublisher : public Publisher {
 public:
-    bool publish(const std::string& topic, const std::string& payload, int qos, bool retain) override {
-        if (refuse) return false;
+    int publish(const std::string& topic, const std::string& payload, int qos, bool retain) override {
+        if (refuse) return -1;
         messages.push_back({topic, payload, qos, retain});
-        return true;
+        return qos > 0 ? ++lastId : 0;
     }
     std::vector<Published> messages;
     bool refuse = false;  // simulates a full outbox
+    int lastId = 0;
 };
 
 }  // namespace meter
