@@ -7,12 +7,13 @@ BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test lint firmware-test bench bench-ingest bench-payment clean help
+.PHONY: run test lint firmware-test bench bench-ingest bench-payment soak clean help
 
 help:
 	@echo "make run    - start the whole system (web, MQTT worker, Celery, Mosquitto, Redis)"
 	@echo "make test   - run the test suite (pytest, firmware host tests, ruff)"
 	@echo "make bench  - run the benchmarks under bench/"
+	@echo "make soak   - the money simulation over many seeds (SEEDS=200)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +59,13 @@ bench-ingest: $(STAMP)
 
 bench-payment: $(STAMP)
 	$(BIN)/python -m bench.payment
+
+# The deterministic money simulation over many seeds (`make test` runs a few): prints how many
+# steps and faults it covered, or the command that replays the first failing seed.
+SEEDS ?= 200
+STEPS ?= 250
+soak: $(STAMP)
+	$(BIN)/python -m devtools.money_sim --seeds $(SEEDS) --steps $(STEPS)
 
 clean:
 	rm -rf var staticfiles firmware/build .pytest_cache .ruff_cache

@@ -135,9 +135,11 @@ def charge(state: MeterState, report: ConsumptionReport) -> Charge:
         if why:
             history = _open_provisional(state, why)
             key = identity(state, report, history)
-    elif key in state.seen:
-        # Two different reports under one identity of one register history: a meter fault or
-        # an impostor. The first one stands; this one is kept, flagged and not debited.
+    if key in state.seen:
+        # Two different reports under one identity of one register history (a meter fault, an
+        # impostor, or for a meter without regId a restarted register whose report lies inside
+        # the range already accounted): the first one stands; this one is kept, flagged and not
+        # debited, so that no register span is charged twice.
         note = f"a different report under identity {key} ({report.units_consumed_kwh} kWh); not debited"
         _notice(state, "anomaly", note)
         state.anomaly = note
@@ -171,18 +173,27 @@ def _copy_elsewhere(state: MeterState, report: ConsumptionReport, content: tuple
 
 def _reset_suspected(state: MeterState, history: History, report: ConsumptionReport, key: str, content: tuple) -> str:
     """Why a report of a meter without regId can only come from a new register, or ""."""
+    energy = report.energy_total_kwh
     if key in state.seen:
         # The same identity with other content: the seq (or the boot-relative time) restarted.
+        # Unless the report's register lies inside the accounted range: then that span has been
+        # charged already (possibly by reports of the new register taken as a continuation).
+        if energy is not None and history.floor is not None and history.high is not None and (
+            energy - report.units_consumed_kwh >= history.floor and energy <= history.high
+        ):
+            return ""
         return f"report identity {report.dedup_key} came again with different content"
-    energy = report.energy_total_kwh
     if energy is None or history.floor is None or history.high is None:
         return ""
-    if (
-        report.time_trusted and history.high_at_ms is not None
-        and report.timestamp_ms > history.high_at_ms + BOUND_SLACK_MS and energy < history.high - REGISTER_TOLERANCE_KWH
-    ):
-        # A register never goes back while the meter's clock goes forward: this one started again.
+    later = (
+        report.time_trusted and history.high_at_ms is not None and report.timestamp_ms > history.high_at_ms + BOUND_SLACK_MS
+    )
+    # Neither the register nor seq goes back while the meter's clock goes forward: a report
+    # later than the newest accounted one with a lower register or seq started again.
+    if later and energy < history.high - REGISTER_TOLERANCE_KWH:
         return f"register {energy} kWh at a later time than the accounted {history.high} kWh"
+    if later and report.seq is not None and history.high_seq is not None and report.seq < history.high_seq:
+        return f"seq {report.seq} at a later time than the accounted seq {history.high_seq}"
     start = energy - report.units_consumed_kwh
     if energy >= history.floor - REGISTER_TOLERANCE_KWH or start >= history.floor - REGISTER_TOLERANCE_KWH:
         return ""
@@ -308,8 +319,12 @@ def _units_debit(state: MeterState, history: History, report: ConsumptionReport)
 
 
 def _check_seq(state: MeterState, history: History, report: ConsumptionReport) -> None:
+    """The history's seq is that of its newest report: the one that set the high register (a
+    stale report inside the range, possibly of an earlier register, says nothing about it)."""
     seq = report.seq
     if seq is None:
+        return
+    if report.energy_total_kwh is not None and report.energy_total_kwh != history.high and history.high_seq is not None:
         return
     if history.high_seq is None or seq <= history.high_seq:
         if history.high_seq is None:
