@@ -22,7 +22,6 @@ from meters.models import HistoryKind, HistoryReview, LedgerKind, Meter, Reading
 from meters.reports import ConsumptionReport
 from meters.services import meter_lock, post_entry_and_tell_meter_locked
 
-
 _SAME_REGISTER = "merge"
 
 
