@@ -199,6 +199,9 @@ class Command(BaseCommand):
                 energy_total=_as_meter_double(meter.last_energy_total_kwh),
                 balance=_as_meter_double(meter.balance_kwh),
                 next_seq=last_seq + 1 + SEQ_BLOCK,
+                # The register history the backend accounts (a regId the meter reported): the
+                # restarted simulator continues it instead of opening a new one.
+                reg_id=meter.reg_id if meter.reg_id and not meter.reg_id.startswith("~") else None,
             )
         return resume
 

@@ -281,9 +281,10 @@ class MeterAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change):
         # Creating or re-assigning a meter goes through the services; the balance never does.
         if change:
-            services.meter_update(meter_no=obj.meter_no, owner=obj.owner, tariff=obj.tariff)
+            services.meter_update(meter_no=obj.meter_no, owner=obj.owner, tariff=obj.tariff, rated_max_kw=obj.rated_max_kw)
         else:
-            saved = services.meter_provision(meter_no=obj.meter_no, owner=obj.owner, tariff=obj.tariff)
+            saved = services.meter_provision(meter_no=obj.meter_no, owner=obj.owner, tariff=obj.tariff,
+                                             rated_max_kw=obj.rated_max_kw)
             obj.pk = saved.pk
 
 

@@ -423,11 +423,19 @@ def customer_update(*, customer_id: int, name: str, phone: str) -> Customer:
     return customer
 
 
-def meter_provision(*, meter_no: str, owner: Customer | None, tariff: Tariff) -> Meter:
+def _rated_power(value) -> Decimal:
+    rated = to_decimal(value, field="rated_max_kw", places=Decimal("0.001"))
+    if not Decimal("0.1") <= rated <= Decimal("1000"):
+        raise InvalidInput("rated_max_kw must be between 0.1 and 1000 kW", field="rated_max_kw")
+    return rated
+
+
+def meter_provision(*, meter_no: str, owner: Customer | None, tariff: Tariff, rated_max_kw=None) -> Meter:
     validate_meter_no(meter_no)
+    extra = {} if rated_max_kw is None else {"rated_max_kw": _rated_power(rated_max_kw)}
     try:
         with transaction.atomic():
-            return Meter.objects.create(meter_no=meter_no, owner=owner, tariff=tariff)
+            return Meter.objects.create(meter_no=meter_no, owner=owner, tariff=tariff, **extra)
     except IntegrityError:
         raise Conflict(f"Meter {meter_no} already exists", field="meter_no") from None
 
@@ -444,11 +452,15 @@ def meter_provision_many(*, meter_nos: list[str], tariff: Tariff) -> int:
         raise Conflict("Some of these meters already exist", field="meter_no") from None
 
 
-def meter_update(*, meter_no: str, owner=UNCHANGED, tariff=UNCHANGED) -> Meter:
-    """Change a meter's owner (None: no owner) or tariff; an argument left out stays as it is."""
+def meter_update(*, meter_no: str, owner=UNCHANGED, tariff=UNCHANGED, rated_max_kw=UNCHANGED) -> Meter:
+    """Change a meter's owner (None: no owner), tariff or rated power (the physical bound on a
+    debit, meters.consumption.rules); an argument left out stays as it is."""
     with transaction.atomic():
         meter = meter_lock(meter_no=meter_no)
         fields = []
+        if rated_max_kw is not UNCHANGED:
+            meter.rated_max_kw = _rated_power(rated_max_kw)
+            fields.append("rated_max_kw")
         if owner is not UNCHANGED:
             meter.owner = owner
             fields.append("owner")
