@@ -157,6 +157,12 @@ TRUSTED_PROXY_HOPS = env_int("TRUSTED_PROXY_HOPS", 0, minimum=0)
 MPESA_MIN_AMOUNT_KES = env_int("MPESA_MIN_AMOUNT_KES", 1, minimum=1)
 MPESA_MAX_AMOUNT_KES = env_int("MPESA_MAX_AMOUNT_KES", 250000, minimum=1)
 MPESA_HTTP_TIMEOUT_S = env_int("MPESA_HTTP_TIMEOUT_S", 10, minimum=1)
+# Money by several routes (payments.services): how far apart a push and the callback or C2B
+# confirmation of its money may be; how long a push whose answer was lost stays `checking`
+# before staff see it; how old a stored callback left unprocessed must be for the sweeper.
+MPESA_MATCH_WINDOW_S = env_int("MPESA_MATCH_WINDOW_S", 24 * 3600, minimum=60)
+MPESA_CHECKING_REVIEW_AFTER_S = env_int("MPESA_CHECKING_REVIEW_AFTER_S", 1800, minimum=60)
+MPESA_CALLBACK_SWEEP_AFTER_S = env_int("MPESA_CALLBACK_SWEEP_AFTER_S", 60, minimum=5)
 
 FIREBASE_CREDENTIALS = env_str("FIREBASE_CREDENTIALS", " ").strip() or None
 FIREBASE_DATABASE_URL = env_str("FIREBASE_DATABASE_URL", " ").strip() or None
