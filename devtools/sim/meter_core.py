@@ -22,7 +22,7 @@ import secrets
 import struct
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 MAX_PAYLOAD_BYTES = 1024  # PROTOCOL.md: one JSON object of at most 1024 bytes
@@ -87,7 +87,10 @@ class MeterConfig:
     persist_interval_ms: int = 60000
     status_interval_ms: int = 300000  # 0 = no periodic status
     seq_block: int = 64
-    replay_batch: int = 20
+    replay_batch: int = 20  # reports handed to the transport per loop() at most
+    max_inflight: int = 8  # reports awaiting their PUBACK at most (the ring is the outbox)
+    max_outbox_bytes: int = 4096  # and the transport's outbox below this
+    outbox_expiry_ms: int = 30000  # esp_mqtt drops unacknowledged messages after this
     low_balance_threshold: float = 1.0
     rated_max_kw: float = 18.4  # 80 A x 230 V: a sample's delta above this x its span is not billed
     boot_gap_ms: int = 120000  # what the first reading after a boot may cover beyond the uptime
@@ -179,6 +182,58 @@ def decode_state(raw: bytes | None) -> StateRecord | None:
     return s
 
 
+RETAINED_RECORD_BYTES = 61
+
+
+@dataclass
+class RetainedRecord:
+    """The copy of the state in RTC memory (firmware meter_core.h RetainedRecord)."""
+
+    state: StateRecord = field(default_factory=StateRecord)
+    relay_override: int = 0
+    interval_units: float = 0.0
+
+
+def encode_retained(r: RetainedRecord) -> bytes:
+    body = b"R\x01" + encode_state(r.state) + bytes([r.relay_override]) + struct.pack("<d", r.interval_units)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def decode_retained(raw: bytes | None) -> RetainedRecord | None:
+    if raw is None or len(raw) != RETAINED_RECORD_BYTES or raw[0] != ord("R") or raw[1] != 1:
+        return None
+    if zlib.crc32(raw[:-4]) != struct.unpack("<I", raw[-4:])[0]:
+        return None
+    state = decode_state(raw[2:48])
+    if state is None or raw[48] > 2:
+        return None
+    (units,) = struct.unpack("<d", raw[49:57])
+    if not (math.isfinite(units) and 0 <= units <= MAX_ENERGY_TOTAL):
+        return None
+    return RetainedRecord(state, raw[48], units)
+
+
+class RetainedMemory:
+    """RTC memory: survives a soft reset (keep the object), lost at a power cut (clear())."""
+
+    def __init__(self) -> None:
+        self._data: bytes | None = None
+        self.stores = 0
+
+    def load(self) -> bytes | None:
+        return self._data
+
+    def store(self, data: bytes) -> None:
+        self._data = bytes(data)
+        self.stores += 1
+
+    def clear(self) -> None:
+        self._data = None
+
+
+SOFT_RESET_REASONS = frozenset({"software", "task_wdt", "int_wdt", "wdt", "panic", "deepsleep"})
+
+
 class XorShift32:
     """xorshift32, the same sequence as the firmware's host fake XorShiftRandom: a regId drawn
     in a trace is the same on both sides. Call the instance for the next 32-bit number."""
@@ -226,6 +281,10 @@ class ManualClock:
 
     def advance(self, ms: int) -> None:
         self._elapsed += ms
+
+    def monotonic(self) -> int:
+        """ms since the last restart; never wraps."""
+        return self._elapsed
 
     def sync(self, unix_ms: int) -> None:
         self._unix_at_sync = unix_ms
@@ -341,6 +400,159 @@ class ReportBuffer:
 
     def __len__(self) -> int:
         return len(self._pending())
+
+
+@dataclass
+class OutboxItem:
+    id: int
+    topic: str
+    payload: str
+    qos: int
+    retain: bool
+    queued_at: int
+    transmitted: bool = False
+    pass_no: int = 0
+    resend: bool = False
+    lost_in_transit: bool = False
+
+
+@dataclass(frozen=True)
+class Delivery:
+    topic: str
+    payload: str
+    qos: int
+    retain: bool
+    id: int
+    dup: bool
+
+
+class EspMqttOutbox:
+    """esp_mqtt's outbox as the meter sees it, the same model as the firmware's host fake
+    FakeEspMqtt (see host_fakes.h for the esp-mqtt behaviour it follows): publish() is
+    esp_mqtt_client_enqueue(), service() one pass of the client's task (PUBACKs, the 30 s
+    expiry, sending), power_cut() loses everything. `now_ms()` is a monotonic clock.
+
+    acking = False: the broker got the message but its PUBACK is lost; blackhole = True: what is
+    sent is lost (a half-open link). on_transmit(Delivery) is what the broker receives."""
+
+    def __init__(self, now_ms: Callable[[], int], expiry_ms: int = 30000) -> None:
+        self._now = now_ms
+        self._expiry_ms = expiry_ms
+        self._items: list[OutboxItem] = []
+        self._connected = True
+        self._pass = 0
+        self._last_id = 0
+        self.refuse = False
+        self.acking = True
+        self.blackhole = False
+        self.report_deleted = False
+        self.id_source: Callable[[], int] | None = None  # random ids like esp_mqtt's; None: 1, 2, 3
+        self.on_transmit: Callable[[Delivery], None] | None = None
+        self.on_expired: Callable[[int], None] | None = None
+        self.messages: list[Delivery] = []
+
+    def publish(self, topic: str, payload: str, qos: int, retain: bool) -> int:
+        if self.refuse:
+            return -1
+        msg_id = 0
+        if qos > 0:
+            if self.id_source is not None:
+                msg_id = self.id_source() % 65535
+            else:
+                msg_id = (self._last_id % 65535) + 1
+                self._last_id = msg_id
+            if msg_id == 0:
+                return -1
+        item = OutboxItem(msg_id, topic, payload, qos, retain, self._now(), pass_no=self._pass)
+        if self._connected:
+            self._transmit(item, False)
+            if qos == 0:
+                return 0
+        self._items.append(item)
+        return msg_id
+
+    def outbox_bytes(self) -> int:
+        total = 0
+        for it in self._items:
+            rem = 2 + len(it.topic.encode()) + (2 if it.qos > 0 else 0) + len(it.payload.encode())
+            total += 1 + (1 if rem < 128 else 2 if rem < 16384 else 3) + rem
+        return total
+
+    def connect(self) -> None:
+        self._connected = True
+
+    def disconnect(self) -> None:
+        self._connected = False
+        for it in self._items:
+            if it.transmitted:
+                it.resend = True
+
+    def power_cut(self) -> None:
+        self._items.clear()
+        self._connected = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def service(self) -> tuple[list[int], list[int]]:
+        """One pass: (acknowledged ids, deleted ids reported with MQTT_EVENT_DELETED)."""
+        acked: list[int] = []
+        deleted: list[int] = []
+        if not self._connected:
+            return acked, deleted
+        self._pass += 1
+        keep = []
+        for it in self._items:
+            if (self.acking and not it.lost_in_transit and it.qos > 0 and it.transmitted and not it.resend
+                    and it.pass_no < self._pass):
+                acked.append(it.id)
+            else:
+                keep.append(it)
+        self._items = keep
+        now = self._now()
+        keep = []
+        for it in self._items:
+            if now - it.queued_at > self._expiry_ms:
+                if self.on_expired is not None:
+                    self.on_expired(it.id)
+                if self.report_deleted:
+                    deleted.append(it.id)
+            else:
+                keep.append(it)
+        self._items = keep
+        keep = []
+        for it in self._items:
+            if not it.transmitted or it.resend:
+                self._transmit(it, it.transmitted)
+                if it.qos == 0:
+                    continue
+            keep.append(it)
+        self._items = keep
+        return acked, deleted
+
+    def service_into(self, core: MeterCore) -> None:
+        """A pass, its events handed to the core, as the firmware's glue does in loop()."""
+        acked, deleted = self.service()
+        for msg_id in acked:
+            core.on_published(msg_id)
+        for msg_id in deleted:
+            core.on_publish_dropped(msg_id)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _transmit(self, it: OutboxItem, dup: bool) -> None:
+        it.transmitted = True
+        it.resend = False
+        it.pass_no = self._pass
+        it.lost_in_transit = self.blackhole
+        if self.blackhole:
+            return
+        d = Delivery(it.topic, it.payload, it.qos, it.retain, it.id, dup)
+        self.messages.append(d)
+        if self.on_transmit is not None:
+            self.on_transmit(d)
 
 
 # ---- payloads ---------------------------------------------------------------------------------
@@ -551,11 +763,16 @@ class MeterCore:
 
     publish(topic, payload, qos, retain): the transport. It returns a message id (int > 0) for a
     QoS 1 message it took, 0 for a QoS 0 message it took, -1 (or False) when it refused; True
-    means "taken" (kept for transports written before message ids).
+    means "taken, and I report no PUBACKs" (a report then leaves the ring at once, as with
+    transports written before message ids, e.g. devtools/sim/fleet.py over paho's own outbox).
     set_relay(closed): called when the relay must change (and once at begin()).
     read_energy() -> float | None: the sensor's energy register in kWh, None when it fails.
     random32() -> int: uniform 32-bit numbers, for drawing regIds (default: the OS's generator;
     pass XorShift32(seed) or random.Random(seed).getrandbits-like callables for repeatable runs).
+    retained: RetainedMemory (RTC RAM) that outlives soft resets, or None.
+    outbox_bytes() -> int: bytes waiting in the transport's outbox (flow control), or None.
+    The transport reports PUBACKs with on_published(msg_id) (and on_publish_dropped(msg_id) for
+    esp_mqtt's MQTT_EVENT_DELETED); a report leaves the ring only then.
     """
 
     def __init__(
@@ -570,6 +787,8 @@ class MeterCore:
         reset_reason: str = "poweron",
         *,
         random32: Callable[[], int] | None = None,
+        retained: RetainedMemory | None = None,
+        outbox_bytes: Callable[[], int] | None = None,
     ) -> None:
         self.config = config
         self._clock = clock
@@ -579,6 +798,8 @@ class MeterCore:
         self._set_relay = set_relay
         self._read_energy = read_energy
         self._random32 = random32 if random32 is not None else (lambda: secrets.randbits(32))
+        self._retained = retained
+        self._outbox_bytes = outbox_bytes if outbox_bytes is not None else (lambda: 0)
         self.reset_reason = reset_reason
         # Zero would stall seq reservation or replay forever.
         self._seq_block = max(config.seq_block, 1)
@@ -620,6 +841,9 @@ class MeterCore:
         self._last_report_ms = 0
         self._last_persist_ms = 0
         self._state_dirty = False
+        self._retained_dirty = False
+        # Reports handed to the transport, awaiting their PUBACK: [key, msg_id, sent_at, ambiguous].
+        self._inflight: list[list] = []
 
         self._pending_notice = ""
         self._over_rated_pending = False
@@ -647,10 +871,11 @@ class MeterCore:
         return self._uptime_ms
 
     def _publish(self, topic: str, payload: str, qos: int, retain: bool) -> int:
-        """The transport's answer as the firmware's Publisher::publish: id, 0, or -1."""
+        """The transport's answer as the firmware's Publisher::publish: id, 0, or -1. True is a
+        transport without message ids (0: taken counts as delivered), False a refusal."""
         r = self._publish_raw(topic, payload, qos, retain)
         if isinstance(r, bool):
-            return (1 if qos > 0 else 0) if r else -1
+            return 0 if r else -1
         return int(r)
 
     # -- lifecycle --
@@ -663,7 +888,11 @@ class MeterCore:
         st = StateRecord()
         source = "nothing"
         unreadable = False
-        if raw is not None:
+        kept = decode_retained(self._retained.load()) if self._retained is not None else None
+        if kept is not None:
+            st = kept.state  # a soft reset: the state of a moment ago
+            source = "retained"
+        elif raw is not None:
             decoded = decode_state(raw)
             if decoded is not None:
                 st = decoded
@@ -689,7 +918,16 @@ class MeterCore:
                 newest, meta = cand, cand_meta
         persist = False
         from_log = False
-        if source == "nvs":
+        if source == "retained":
+            if newest is not None and newest.reg_id == st.reg_id and newest.energy_total > st.energy_total:
+                st.energy_total = newest.energy_total
+                st.balance = newest.remaining_balance
+                st.have_raw = False
+            else:
+                self._interval_units = kept.interval_units
+            self.relay_override = RelayOverride(kept.relay_override)
+            persist = True  # bring NVS level with the state
+        elif source == "nvs":
             # Never step the register on the wire backwards; the raw register at the newer report
             # is the stored one plus what was billed in between, when nothing broke the chain.
             if newest is not None and newest.reg_id == st.reg_id and newest.energy_total > st.energy_total:
@@ -749,12 +987,16 @@ class MeterCore:
             self._pending_notice = MSG_STATE_UNREADABLE
 
         raw = self._kv.get(KEY_RELAY)
-        if raw is not None and len(raw) == 1 and raw[0] <= 2:
+        if source == "retained":
+            pass  # already set from the retained record
+        elif raw is not None and len(raw) == 1 and raw[0] <= 2:
             self.relay_override = RelayOverride(raw[0])
         elif not from_log:
             self.relay_override = RelayOverride.AUTO
         if persist:
             self._persist_state()
+        else:
+            self._save_retained()
 
     def begin(self) -> None:
         t = self._now()
@@ -790,6 +1032,8 @@ class MeterCore:
         ):
             c = self.condition
             self._publish_status(c, _condition_message(c), "")
+        if self._retained_dirty:
+            self._save_retained()
 
     def on_connected(self) -> None:
         self._now()
@@ -804,6 +1048,22 @@ class MeterCore:
     def on_disconnected(self) -> None:
         self._now()
         self.connected = False
+
+    def on_published(self, msg_id: int) -> None:
+        """MQTT_EVENT_PUBLISHED: the broker acknowledged msg_id; its report leaves the ring."""
+        self._now()
+        entries = [f for f in self._inflight if f[1] == msg_id]
+        if not entries or any(f[3] for f in entries):
+            return  # a status (no PUBACK), or an id two messages share (sent again after the expiry)
+        key = entries[-1][0]
+        self._buffer.consume(key)
+        self._inflight = [f for f in self._inflight if f[0] != key]
+        self._drain_buffer()
+
+    def on_publish_dropped(self, msg_id: int) -> None:
+        """MQTT_EVENT_DELETED: the transport dropped msg_id unacknowledged; it is sent again."""
+        self._now()
+        self._inflight = [f for f in self._inflight if f[1] != msg_id]
 
     def on_message(self, topic: str, payload) -> None:
         self._now()
@@ -842,6 +1102,10 @@ class MeterCore:
     def buffered(self) -> int:
         return len(self._buffer)
 
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
     # -- internals (same order of operations as meter_core.cpp) --
 
     def _sample(self, t: int) -> None:
@@ -861,12 +1125,12 @@ class MeterCore:
         self.sensor_fault = False
         at = self._uptime_ms
         if not self._have_baseline:
-            # No register saved with the state: this reading is the baseline (saved next write).
+            # No register saved with the state: this reading is the baseline, written at once.
             self._have_baseline = True
             self._baseline = kwh
             self._baseline_at_ms = at
             self._baseline_gap_ms = 0
-            self._state_dirty = True
+            self._persist_state()
             return
         delta = kwh - self._baseline
         span_ms = (at - self._baseline_at_ms) + self._baseline_gap_ms
@@ -885,17 +1149,22 @@ class MeterCore:
             self._interval_units += delta
             self.balance -= delta
             self._state_dirty = True
+            self._retained_dirty = True
         elif delta < 0:
             self._raw_chained = False
             self._state_dirty = True
+            self._retained_dirty = True
 
     def _apply_relay(self) -> None:
         o = self.relay_override
         on = (not self.sensor_fault) and o != RelayOverride.OFF and (o == RelayOverride.ON or self.balance > 0)
         if not self._relay_known or on != self.relay_closed:
+            change = self._relay_known
             self._set_relay(on)
             self.relay_closed = on
             self._relay_known = True
+            if change and self._state_dirty:
+                self._persist_state()  # a relay opened for lack of credit stays open after a power cut
 
     def _status_payload(self, status: str, message: str, cmd_id: str) -> str:
         return encode_status(
@@ -949,27 +1218,53 @@ class MeterCore:
             reg_id=self.reg_id,
         )
         self._interval_units = 0.0
-        # "Never lose a kWh": this report's register is persisted before the report can leave.
-        self._persist_state()
-        if (
-            self.connected
-            and len(self._buffer) == 0
-            and self._publish(self.topic("consumption"), encode_report(self.config.meter_no, r), 1, False) >= 0
-        ):
-            return
+        self._retained_dirty = True
+        # The ring is the outbox: in flash before it can leave, out of it only on its PUBACK.
         if packable(r):
             self._buffer.append(r, ReportMeta(int(self.relay_override), self._raw_chained))
+            return
+        self._persist_state()
+        if self.connected:
+            self._publish(self.topic("consumption"), encode_report(self.config.meter_no, r), 1, False)
+
+    def _expire_inflight(self) -> None:
+        limit = self.config.outbox_expiry_ms + 1000
+        now = self._uptime_ms
+        self._inflight = [f for f in self._inflight if not (now - f[2] > limit)]
 
     def _drain_buffer(self) -> None:
         if not self.connected:
             return
-        n = 0
-        while n < self._replay_batch and len(self._buffer) > 0:
-            key, r, _meta = self._buffer.peek_at(0)
-            if self._publish(self.topic("consumption"), encode_report(self.config.meter_no, r), 1, False) < 0:
+        self._expire_inflight()
+        cfg = self.config
+        handed = 0
+        index = 0
+        while (
+            handed < self._replay_batch
+            and len(self._inflight) < cfg.max_inflight
+            and self._outbox_bytes() < cfg.max_outbox_bytes
+        ):
+            entry = self._buffer.peek_at(index)
+            if entry is None:
                 break
-            self._buffer.consume(key)
-            n += 1
+            key, r, _meta = entry
+            if any(f[0] == key for f in self._inflight):
+                index += 1
+                continue
+            msg_id = self._publish(self.topic("consumption"), encode_report(cfg.meter_no, r), 1, False)
+            if msg_id < 0:
+                break
+            handed += 1
+            if msg_id == 0:
+                self._buffer.consume(key)  # a transport without message ids: taken = delivered
+                continue
+            f = [key, msg_id, self._uptime_ms, False]
+            for other in self._inflight:
+                if other[1] == msg_id:
+                    other[3] = True  # two messages, one id: neither leaves the ring on its PUBACK
+                    f[3] = True
+            self._inflight.append(f)
+            index += 1
 
     def _persist_state(self) -> None:
         st = StateRecord(
@@ -984,6 +1279,21 @@ class MeterCore:
         self._last_persist_ms = self._now_ms
         self._state_dirty = False
         self._raw_chained = self._have_baseline
+        self._save_retained()
+
+    def _save_retained(self) -> None:
+        self._retained_dirty = False
+        if self._retained is None:
+            return
+        st = StateRecord(
+            reg_id=self.reg_id,
+            energy_total=self.energy_total,
+            balance=self.balance,
+            have_raw=self._have_baseline,
+            raw_kwh=self._baseline if self._have_baseline else 0.0,
+            unbilled_kwh=self.unbilled_kwh,
+        )
+        self._retained.store(encode_retained(RetainedRecord(st, int(self.relay_override), self._interval_units)))
 
     def _apply_balance_command(self, cmd: BalanceCommand) -> None:
         # The ledger's balance accounts consumption up to cmd.energy_total of history cmd.reg_id;
@@ -1017,5 +1327,6 @@ class MeterCore:
     def _apply_relay_command(self, cmd: RelayCommand) -> None:
         self.relay_override = cmd.state
         self._kv.put(KEY_RELAY, bytes([int(cmd.state)]))  # a maintenance "off" survives reboots
+        self._save_retained()
         self._apply_relay()
         self._publish_status(self.condition, "Relay override: " + relay_override_name(cmd.state), cmd.cmd_id)

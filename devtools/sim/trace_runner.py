@@ -14,11 +14,15 @@ from typing import TextIO
 
 from devtools.sim.meter_core import (
     KEY_STATE,
+    SOFT_RESET_REASONS,
+    Delivery,
+    EspMqttOutbox,
     ManualClock,
     MemoryKvStore,
     MeterConfig,
     MeterCore,
     ReportBuffer,
+    RetainedMemory,
     XorShift32,
     relay_override_name,
 )
@@ -44,6 +48,9 @@ def _config_from(step: dict) -> MeterConfig:
         rated_max_kw=step.get("ratedMaxKw", d.rated_max_kw),
         boot_gap_ms=int(step.get("bootGapMs", d.boot_gap_ms)),
         register_tolerance_kwh=step.get("registerToleranceKwh", d.register_tolerance_kwh),
+        max_inflight=int(step.get("maxInflight", d.max_inflight)),
+        max_outbox_bytes=int(step.get("maxOutboxBytes", d.max_outbox_bytes)),
+        outbox_expiry_ms=int(step.get("outboxExpiryMs", d.outbox_expiry_ms)),
     )
 
 
@@ -62,9 +69,17 @@ def run_trace(lines, out: Callable[[str], None]) -> None:
     def emit_message(event: str, topic: str, payload: str, qos: int, retain: bool) -> None:
         out(_line({"event": event, "topic": topic, "qos": qos, "retain": retain, "payload": payload}))
 
-    def publish(topic: str, payload: str, qos: int, retain: bool) -> bool:
-        emit_message("publish", topic, payload, qos, retain)
-        return True
+    def emit_delivery(d: Delivery) -> None:
+        line = {"event": "publish", "topic": d.topic, "qos": d.qos, "retain": d.retain}
+        if d.qos > 0:
+            line["msgId"] = d.id
+        if d.dup:
+            line["dup"] = True
+        line["payload"] = d.payload
+        out(_line(line))
+
+    def emit_expired(msg_id: int) -> None:
+        out(_line({"event": "expired", "msgId": msg_id}))
 
     def set_relay(closed: bool) -> None:
         out(_line({"event": "relay", "closed": closed}))
@@ -72,12 +87,13 @@ def run_trace(lines, out: Callable[[str], None]) -> None:
     sensor: list[float | None] = [None]  # the PZEM's register; None = not answering
     clock = ManualClock()
     state = {"core": None, "buffer": None, "cfg": MeterConfig(), "step": 1000, "rssi": -65,
-             "kv": MemoryKvStore(), "rng": XorShift32(1), "capacity": 64}
+             "kv": MemoryKvStore(), "rng": XorShift32(1), "capacity": 64, "mqtt": None, "rtc": RetainedMemory()}
 
     def boot(reason: str) -> MeterCore:
+        mqtt: EspMqttOutbox = state["mqtt"]
         core = MeterCore(
-            state["cfg"], clock, state["kv"], state["buffer"], publish, set_relay, lambda: sensor[0],
-            reset_reason=reason, random32=state["rng"],
+            state["cfg"], clock, state["kv"], state["buffer"], mqtt.publish, set_relay, lambda: sensor[0],
+            reset_reason=reason, random32=state["rng"], retained=state["rtc"], outbox_bytes=mqtt.outbox_bytes,
         )
         core.set_wifi_rssi(state["rssi"])
         core.begin()
@@ -98,6 +114,15 @@ def run_trace(lines, out: Callable[[str], None]) -> None:
             state["buffer"] = ReportBuffer(state["capacity"])
             state["rng"] = XorShift32(int(step.get("rngSeed", 1)))
             clock.restart(int(step.get("startMillis", 0)))
+            mqtt = EspMqttOutbox(clock.monotonic, int(step.get("outboxExpiryMs", 30000)))
+            mqtt.on_transmit = emit_delivery
+            mqtt.on_expired = emit_expired
+            mqtt.report_deleted = step.get("reportDeleted") is True
+            id_seed = int(step.get("msgIdSeed", 0))
+            if id_seed:
+                mqtt.id_source = XorShift32(id_seed)
+            mqtt.disconnect()  # the first connect is a step of its own
+            state["mqtt"] = mqtt
             boot(step.get("resetReason", "poweron"))
             continue
         if core is None:
@@ -108,6 +133,7 @@ def run_trace(lines, out: Callable[[str], None]) -> None:
                 d = min(remaining, state["step"])
                 clock.advance(d)
                 remaining -= d
+                state["mqtt"].service_into(core)
                 core.loop()
         elif op == "energy":
             sensor[0] = step.get("kwh", 0)
@@ -121,9 +147,15 @@ def run_trace(lines, out: Callable[[str], None]) -> None:
         elif op == "connect":
             will = core.will_message()
             emit_message("will", will.topic, will.payload, will.qos, will.retain)
+            state["mqtt"].connect()
             core.on_connected()
         elif op == "disconnect":
+            state["mqtt"].disconnect()
             core.on_disconnected()
+        elif op == "acks":
+            state["mqtt"].acking = step.get("on") is True
+        elif op == "blackhole":
+            state["mqtt"].blackhole = step.get("on") is True
         elif op == "balance_cmd":
             core.on_message(core.topic("command/balance"), _payload_of(step, core.reg_id))
         elif op == "relay_cmd":
@@ -140,8 +172,12 @@ def run_trace(lines, out: Callable[[str], None]) -> None:
                 state["buffer"] = ReportBuffer(state["capacity"])
             if op == "swap_board":
                 state["kv"] = MemoryKvStore()  # a new board under the same meterNo
+            reason = step.get("reason", "software" if op == "reboot" else "poweron")
+            if reason not in SOFT_RESET_REASONS or op == "swap_board":
+                state["rtc"].clear()
+            state["mqtt"].power_cut()  # the client's outbox is RAM
             clock.restart(int(step.get("startMillis", 0)))
-            boot(step.get("reason", "software" if op == "reboot" else "poweron"))
+            boot(reason)
         else:
             raise ValueError(f"line {number}: unknown op {op!r}")
 
@@ -161,6 +197,8 @@ def run_trace(lines, out: Callable[[str], None]) -> None:
                 "unbilledKwh": core.unbilled_kwh,
                 "nextSeq": core.next_seq,
                 "buffered": core.buffered,
+                "inflight": core.inflight,
+                "outbox": len(state["mqtt"]),
             }
         )
     )

@@ -66,16 +66,32 @@ void emitMessage(const char* event, const std::string& topic, const std::string&
     emit(o);
 }
 
-class PrintingPublisher : public Publisher {
-public:
-    int publish(const std::string& topic, const std::string& payload, int qos, bool retain) override {
-        emitMessage("publish", topic, payload, qos, retain);
-        return qos > 0 ? ++lastId_ : 0;
-    }
+// What the broker receives (FakeEspMqtt calls it at each transmission): msgId for QoS 1, and
+// dup when esp_mqtt sends a message again after a reconnect.
+void emitDelivery(const FakeEspMqtt::Delivery& d) {
+    cJSON* o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "event", "publish");
+    cJSON_AddStringToObject(o, "topic", d.topic.c_str());
+    cJSON_AddNumberToObject(o, "qos", d.qos);
+    cJSON_AddBoolToObject(o, "retain", d.retain);
+    if (d.qos > 0) cJSON_AddNumberToObject(o, "msgId", d.id);
+    if (d.dup) cJSON_AddBoolToObject(o, "dup", true);
+    cJSON_AddStringToObject(o, "payload", d.payload.c_str());
+    emit(o);
+}
 
-private:
-    int lastId_ = 0;
-};
+void emitExpired(int id) {
+    cJSON* o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "event", "expired");
+    cJSON_AddNumberToObject(o, "msgId", id);
+    emit(o);
+}
+
+// Resets after which RTC memory still holds what was written before.
+bool softReset(const std::string& reason) {
+    return reason == "software" || reason == "task_wdt" || reason == "int_wdt" || reason == "wdt" ||
+           reason == "panic" || reason == "deepsleep";
+}
 
 class PrintingRelay : public Relay {
 public:
@@ -112,6 +128,9 @@ MeterConfig configFrom(const cJSON* c) {
     cfg.ratedMaxKw = num(c, "ratedMaxKw", cfg.ratedMaxKw);
     cfg.bootGapMs = static_cast<uint32_t>(num(c, "bootGapMs", cfg.bootGapMs));
     cfg.registerToleranceKwh = num(c, "registerToleranceKwh", cfg.registerToleranceKwh);
+    cfg.maxInflight = static_cast<uint32_t>(num(c, "maxInflight", cfg.maxInflight));
+    cfg.maxOutboxBytes = static_cast<uint32_t>(num(c, "maxOutboxBytes", cfg.maxOutboxBytes));
+    cfg.outboxExpiryMs = static_cast<uint32_t>(num(c, "outboxExpiryMs", cfg.outboxExpiryMs));
     return cfg;
 }
 
@@ -157,16 +176,19 @@ int main(int argc, char** argv) {
     ManualClock clock;
     std::unique_ptr<MemKv> kv(new MemKv());
     std::unique_ptr<XorShiftRandom> rng(new XorShiftRandom(1));
+    std::unique_ptr<XorShiftRandom> msgIds;
     std::unique_ptr<MemFlash> flash;
     std::unique_ptr<FlashRing> ring;
     FakeEnergy energy;
     PrintingRelay relay;
-    PrintingPublisher publisher;
+    std::unique_ptr<FakeEspMqtt> mqtt;
+    std::unique_ptr<MemRetained> rtc(new MemRetained());
     std::unique_ptr<MeterCore> core;
 
     auto boot = [&](const std::string& reason) {
         ring.reset(new FlashRing(*flash, kSlotBytes));  // recovery scan, as after a real reset
-        core.reset(new MeterCore(cfg, clock, *kv, *ring, relay, energy, publisher, *rng, reason));
+        core.reset(new MeterCore(cfg, clock, *kv, *ring, relay, energy, *mqtt, *rng, reason));
+        core->attachRetained(*rtc);
         core->setWifiRssi(rssi);
         core->begin();
     };
@@ -194,6 +216,16 @@ int main(int argc, char** argv) {
             // One slot per sector: the ring then holds exactly `capacity` reports and drops the
             // oldest one at a time, the rule the Python port implements with a bounded deque.
             flash.reset(new MemFlash(capacity * kSlotBytes, kSlotBytes));
+            mqtt.reset(new FakeEspMqtt(clock, static_cast<uint32_t>(num(step, "outboxExpiryMs", 30000))));
+            mqtt->onTransmit = emitDelivery;
+            mqtt->onExpired = emitExpired;
+            mqtt->reportDeleted = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(step, "reportDeleted"));
+            uint32_t idSeed = static_cast<uint32_t>(num(step, "msgIdSeed", 0));
+            if (idSeed != 0) {
+                msgIds.reset(new XorShiftRandom(idSeed));
+                mqtt->idSource = msgIds.get();
+            }
+            mqtt->disconnect();  // the first connect is a step of its own
             boot(resetReason);
         } else if (!core) {
             std::fprintf(stderr, "line %d: the first step must be config\n", lineNo);
@@ -205,6 +237,7 @@ int main(int argc, char** argv) {
                 uint64_t d = remaining < loopStepMs ? remaining : loopStepMs;
                 clock.advance(d);
                 remaining -= d;
+                mqtt->serviceInto(*core);
                 core->loop();
             }
         } else if (op == "energy") {
@@ -219,9 +252,15 @@ int main(int argc, char** argv) {
         } else if (op == "connect") {
             Message will = core->willMessage();
             emitMessage("will", will.topic, will.payload, will.qos, will.retain);
+            mqtt->connect();
             core->onConnected();
         } else if (op == "disconnect") {
+            mqtt->disconnect();
             core->onDisconnected();
+        } else if (op == "acks") {
+            mqtt->acking = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(step, "on"));
+        } else if (op == "blackhole") {
+            mqtt->blackhole = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(step, "on"));
         } else if (op == "balance_cmd") {
             core->onMessage(core->topic("command/balance"), payloadOf(step, core->regId()));
         } else if (op == "relay_cmd") {
@@ -237,8 +276,11 @@ int main(int argc, char** argv) {
                 flash.reset(new MemFlash(capacity * kSlotBytes, kSlotBytes));
             }
             if (op == "swap_board") kv.reset(new MemKv());  // a new board under the same meterNo
+            const std::string reason = str(step, "reason", op == "reboot" ? "software" : "poweron");
+            if (!softReset(reason) || op == "swap_board") rtc->clear();
+            mqtt->powerCut();  // the client's outbox is RAM
             clock.restart(static_cast<uint32_t>(num(step, "startMillis", 0)));
-            boot(str(step, "reason", op == "reboot" ? "software" : "poweron"));
+            boot(reason);
         } else {
             std::fprintf(stderr, "line %d: unknown op '%s'\n", lineNo, op.c_str());
             cJSON_Delete(step);
@@ -263,6 +305,8 @@ int main(int argc, char** argv) {
     cJSON_AddRawToObject(o, "unbilledKwh", jsonNumber(core->unbilledKwh()).c_str());
     cJSON_AddNumberToObject(o, "nextSeq", static_cast<double>(core->nextSeq()));
     cJSON_AddNumberToObject(o, "buffered", static_cast<double>(ring->size()));
+    cJSON_AddNumberToObject(o, "inflight", static_cast<double>(core->inflight()));
+    cJSON_AddNumberToObject(o, "outbox", static_cast<double>(mqtt->size()));
     emit(o);
     return golden ? compareWithGolden(golden) : 0;
 }

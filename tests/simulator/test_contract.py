@@ -51,7 +51,7 @@ def _assert_same(cpp, py):
 def test_there_are_traces():
     names = {t.stem for t in TRACES}
     assert {"seed_and_reconcile", "offline_wrap_reboot", "power_cut_after_report", "state_wiped", "board_replaced",
-            "sensor_reset", "reboot_between_reports"} <= names
+            "sensor_reset", "reboot_between_reports", "outbox_long_outage"} <= names
     goldens = {p.stem for p in (ROOT / "firmware" / "trace").glob("*.expected")}
     assert goldens == names, "every trace has a golden file and every golden file a trace"
 
@@ -111,7 +111,9 @@ def _random_trace(rng: random.Random) -> list:
         "seqBlock": rng.choice([1, 2, 64]), "replayBatch": rng.choice([1, 3, 20]),
         "bufferCapacity": rng.choice([2, 5, 16]), "lowBalanceThreshold": rng.choice([0, 1.0, 2.5]),
         "rngSeed": rng.randint(1, 2**32 - 1), "ratedMaxKw": rng.choice([18.4, 100, 1e6]),
-        "bootGapMs": rng.choice([0, 60000, 120000]),
+        "bootGapMs": rng.choice([0, 60000, 120000]), "maxInflight": rng.choice([1, 3, 8]),
+        "maxOutboxBytes": rng.choice([300, 4096]), "outboxExpiryMs": rng.choice([5000, 30000]),
+        "reportDeleted": rng.random() < 0.3, "msgIdSeed": rng.choice([0, 0, rng.randint(1, 2**32 - 1)]),
     }]
     register = rng.uniform(0, 5000)
     for _ in range(rng.randint(20, 60)):
@@ -135,8 +137,10 @@ def _random_trace(rng: random.Random) -> list:
         elif kind < 0.75:
             steps.append({"op": "relay_cmd", "payload": {"state": rng.choice(["on", "off", "auto"]),
                                                          "cmdId": f"r-{rng.randint(0, 99)}"}})
-        elif kind < 0.82:
+        elif kind < 0.79:
             steps.append({"op": rng.choice(["connect", "disconnect"])})
+        elif kind < 0.82:
+            steps.append({"op": rng.choice(["acks", "blackhole"]), "on": rng.random() < 0.5})
         elif kind < 0.86:
             steps.append({"op": "sensor_fail"})
         elif kind < 0.9:

@@ -14,6 +14,7 @@ from devtools.sim.meter_core import (
     MSG_REGISTER_AHEAD,
     MSG_STATE_FROM_LOG,
     MSG_STATE_UNREADABLE,
+    EspMqttOutbox,
     ManualClock,
     MemoryKvStore,
     MeterConfig,
@@ -22,10 +23,12 @@ from devtools.sim.meter_core import (
     Report,
     ReportBuffer,
     ReportMeta,
+    RetainedMemory,
     StateRecord,
     XorShift32,
     decode_balance_command,
     decode_relay_command,
+    decode_retained,
     decode_state,
     elapsed_ms,
     encode_state,
@@ -214,7 +217,7 @@ def test_seq_survives_reboots_without_repeating():
     assert b.kv.writes(KEY_SEQ) == 3
 
 
-def test_state_is_persisted_at_every_report_and_payments_at_once():
+def test_state_is_written_at_most_once_a_minute_and_payments_at_once():
     b = Bench(persist_interval_ms=60000)
     assert b.kv.writes(KEY_STATE) == 1  # the new register history, at once
     b.balance_cmd({"balance": 100, "timestamp": 1})
@@ -222,10 +225,11 @@ def test_state_is_persisted_at_every_report_and_payments_at_once():
     for s in range(1, 601):
         b.register = s * 0.001
         b.run(1000)
-    assert b.kv.writes(KEY_STATE) == 2 + 20  # one per 30 s report
+    # the first reading of a boot without a saved register, then one write a minute (not 20)
+    assert b.kv.writes(KEY_STATE) == 3 + 9
     billed = b.core.energy_total
     b.clock.restart()
-    b.boot()  # power cut right after the 20th report
+    b.boot()  # power cut: the ring's newest report and the saved sensor register cover the gap
     assert b.core.energy_total == billed
 
 
@@ -505,3 +509,179 @@ def test_report_ring_records_are_consumed_in_any_order_and_overflow_drops_the_ol
     ring.append(reports[3])  # overwrites the slot of report 0 (pending: dropped)
     assert ring.dropped == 1 and [ring.peek_at(i)[1].seq for i in range(len(ring))] == [2, 3]
     assert ring.peek_newest()[0].seq == 3
+
+
+# ---- the ring is the outbox (firmware test_outbox.cpp) -------------------------------------------
+
+
+class Field:
+    """A meter on a network that can drop, stall and lose power (EspMqttOutbox)."""
+
+    def __init__(self, **cfg):
+        cfg.setdefault("status_interval_ms", 0)
+        cfg.setdefault("report_interval_ms", 10000)
+        cfg.setdefault("seq_block", 4)
+        self.config = MeterConfig(**cfg)
+        self.clock = ManualClock()
+        self.kv = MemoryKvStore()
+        self.ring = ReportBuffer(64)
+        self.rtc = RetainedMemory()
+        self.mqtt = EspMqttOutbox(self.clock.monotonic)
+        self.mqtt.disconnect()
+        self.rng = XorShift32(5)
+        self.sensor = 1000.0
+        self.consuming = True
+        self.appended = []
+        append = self.ring.append
+        self.ring.append = lambda r, meta=None: (self.appended.append(r), append(r, meta))[1]
+        self.boot()
+
+    def boot(self, reason="poweron"):
+        self.core = MeterCore(self.config, self.clock, self.kv, self.ring, self.mqtt.publish, lambda closed: None,
+                              lambda: self.sensor, reason, random32=self.rng, retained=self.rtc,
+                              outbox_bytes=self.mqtt.outbox_bytes)
+        self.core.begin()
+        self.core.on_message(self.core.topic("command/balance"), '{"balance": 1000, "timestamp": 1}')
+
+    def step(self, ms):
+        for _ in range(0, ms, 1000):
+            self.clock.advance(1000)
+            if self.consuming:
+                self.sensor += 0.0005
+            self.mqtt.service_into(self.core)
+            self.core.loop()
+
+    def up(self):
+        self.mqtt.connect()
+        self.core.on_connected()
+
+    def down(self):
+        self.mqtt.disconnect()
+        self.core.on_disconnected()
+
+    def power_cut(self):
+        self.mqtt.power_cut()
+        self.rtc.clear()
+        self.clock.restart()
+        self.boot()
+
+    def settle(self):
+        self.consuming = False
+        self.mqtt.acking, self.mqtt.blackhole = True, False
+        if not self.mqtt.connected:
+            self.up()
+        self.step(120000)
+        self.mqtt.service_into(self.core)
+
+    def reports(self):
+        return [json.loads(m.payload) for m in self.mqtt.messages if m.topic.endswith("/consumption")]
+
+    def check_delivered(self):
+        seen = {}
+        for m in self.mqtt.messages:
+            if m.topic.endswith("/consumption"):
+                p = json.loads(m.payload)
+                key = (p["regId"], p["seq"])
+                assert seen.setdefault(key, m.payload) == m.payload, "a duplicate must be the same report"
+        assert set(seen) == {(r.reg_id, r.seq) for r in self.appended}
+        assert len(self.ring) == 0
+
+
+def test_a_report_leaves_the_ring_only_on_its_puback():
+    f = Field()
+    f.up()
+    f.step(10000)
+    assert len(f.reports()) == 1 and len(f.ring) == 1 and f.core.inflight == 1
+    f.step(1000)
+    assert len(f.ring) == 0 and f.core.inflight == 0
+
+
+def test_a_report_expired_in_the_client_outbox_is_sent_again():
+    f = Field()
+    f.up()
+    f.mqtt.acking = False
+    expired = []
+    f.mqtt.on_expired = expired.append
+    f.step(41000)
+    assert len(expired) == 1 and len(f.reports()) == 4
+    f.step(1000)
+    assert len(f.reports()) == 5 and f.reports()[-1]["seq"] == 0
+    f.settle()
+    f.check_delivered()
+
+
+def test_a_drop_and_a_reconnect_after_more_than_30_s_lose_nothing():
+    f = Field()
+    f.up()
+    f.mqtt.acking = False
+    f.step(30000)
+    assert f.core.inflight == 3
+    f.down()
+    f.step(120000)
+    f.mqtt.acking = True
+    f.up()
+    f.settle()
+    f.check_delivered()
+    assert len(f.appended) == 27
+
+
+def test_an_id_two_messages_share_consumes_neither():
+    ids = iter([7, 7] + list(range(8, 100)))
+    f = Field()
+    f.mqtt.id_source = lambda: next(ids)
+    f.up()
+    f.mqtt.acking = False
+    f.step(20000)
+    f.mqtt.acking = True
+    f.step(1000)
+    assert len(f.ring) == 2
+    f.step(40000)
+    f.settle()
+    f.check_delivered()
+
+
+@pytest.mark.parametrize("cut", range(-1, 24))
+def test_no_report_is_lost_or_doubled_across_drop_reconnect_and_a_power_cut(cut):
+    f = Field()
+    for s in range(24):
+        phase = s % 8
+        if phase == 0:
+            f.up()
+        elif phase == 1:
+            f.mqtt.acking = False
+        elif phase == 2:
+            f.mqtt.blackhole = True
+        elif phase == 3:
+            f.down()
+        elif phase == 5:
+            f.mqtt.acking, f.mqtt.blackhole = True, False
+        elif phase == 6:
+            f.up()
+        f.step(45000 if phase == 4 else 7000)
+        if s == cut:
+            f.power_cut()
+    f.settle()
+    f.check_delivered()
+    assert f.reports()[-1]["energyTotal"] == round6(f.core.energy_total)
+
+
+def test_a_soft_reset_resumes_exactly_from_retained_memory():
+    f = Field(persist_interval_ms=600000)
+    f.up()
+    f.step(35000)
+    billed, writes = f.core.energy_total, f.kv.total_writes()
+    f.sensor += 0.001  # used during the reset
+    f.mqtt.power_cut()
+    f.mqtt.connect()
+    f.clock.restart()
+    f.boot("task_wdt")  # the retained memory survives
+    assert f.core.energy_total == billed
+    f.core.on_connected()
+    f.step(10000)
+    first, second = f.reports()[-2], f.reports()[-1]
+    assert second["unitsConsumed"] == round6(second["energyTotal"] - first["energyTotal"])
+    assert f.kv.total_writes() <= writes + 3  # the restored state, the seq block, the balance command
+    raw = bytearray(f.rtc.load())
+    raw[10] ^= 0x40
+    f.rtc.store(bytes(raw))
+    assert decode_retained(f.rtc.load()) is None
