@@ -2,6 +2,7 @@
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -14,19 +15,26 @@ from devtools.sim.meter_core import (
     MSG_REGISTER_AHEAD,
     MSG_STATE_FROM_LOG,
     MSG_STATE_UNREADABLE,
+    BootGuard,
+    BootGuardConfig,
     EspMqttOutbox,
     ManualClock,
     MemoryKvStore,
     MeterConfig,
     MeterCore,
+    OtaConfig,
+    OtaState,
     RelayOverride,
     Report,
     ReportBuffer,
     ReportMeta,
     RetainedMemory,
+    SimDevice,
     StateRecord,
     XorShift32,
+    base64_decode,
     decode_balance_command,
+    decode_ota_command,
     decode_relay_command,
     decode_retained,
     decode_state,
@@ -685,3 +693,144 @@ def test_a_soft_reset_resumes_exactly_from_retained_memory():
     raw[10] ^= 0x40
     f.rtc.store(bytes(raw))
     assert decode_retained(f.rtc.load()) is None
+
+
+# ---- OTA, boot-loop guard, safe mode, SimDevice (firmware test_ota.cpp) --------------------------
+
+VECTORS = json.loads((Path(__file__).resolve().parents[2] / "firmware" / "test" / "keys"
+                      / "test_ota_vectors.json").read_text())
+KEY = bytes.fromhex(VECTORS["publicKey"])
+IMAGES = {f"https://fw.example/{n}.bin": VECTORS["images"][n]["text"].encode()
+          for n in ("good", "crashes", "invalid", "silent")}
+
+
+def _ota(name, url=None, cmd_id="ota-1"):
+    v = VECTORS["images"][name]
+    return json.dumps({"url": url or f"https://fw.example/{name}.bin", "version": v["version"],
+                       "sha256": v["sha256"], "signature": v["signature"], "cmdId": cmd_id})
+
+
+def _device(**kw):
+    statuses = []
+    d = SimDevice(
+        MeterConfig(meter_no="KE-9", fw_version="1.0.0", status_interval_ms=0, sample_interval_ms=10000),
+        random32=XorShift32(9), ota_public_key=KEY, ota_fetch=IMAGES.get,
+        ota_crashes=lambda image: image == IMAGES["https://fw.example/crashes.bin"],
+        ota_valid=lambda image: image != IMAGES["https://fw.example/invalid.bin"], **kw)
+    d.outbox.on_transmit = lambda m: statuses.append(json.loads(m.payload)) if m.topic.endswith("/status") else None
+    d.sensor_kwh = 100.0
+    d.connect()
+    d.message("smartmeter/KE-9/command/balance", '{"balance": 20, "timestamp": 1}')
+    return d, statuses
+
+
+def test_ota_downloads_verifies_restarts_and_is_confirmed_by_an_acknowledged_report():
+    d, statuses = _device()
+    d.message("smartmeter/KE-9/command/ota", _ota("good"))
+    assert d.ota.state is OtaState.DOWNLOADING
+    assert statuses[-1]["otaState"] == "downloading" and statuses[-1]["cmdId"] == "ota-1"
+    d.advance(8000)
+    assert d.fw == "1.1.0" and d.ota.state is OtaState.PENDING
+    d.connect()
+    d.advance(31000)
+    assert d.ota.state is OtaState.VALID and d.platform.marked_valid == 1
+    assert "OTA 1.1.0: confirmed" in [s["message"] for s in statuses]
+    assert statuses[-1]["fw"] == "1.1.0"
+
+
+def test_ota_refuses_a_forged_signature_and_bytes_that_do_not_match():
+    d, statuses = _device()
+    d.message("smartmeter/KE-9/command/ota", _ota("forged", "https://fw.example/good.bin"))
+    assert d.ota.state is OtaState.FAILED and d.ota.error == "bad signature" and d.platform.fetches == 0
+    v = VECTORS["images"]["good"]
+    d.message("smartmeter/KE-9/command/ota", json.dumps({
+        "url": "https://fw.example/silent.bin", "version": v["version"], "sha256": v["sha256"],
+        "signature": v["signature"]}))
+    d.advance(6000)
+    assert d.ota.error == "sha256 mismatch" and d.fw == "1.0.0"
+    d.message("smartmeter/KE-9/command/ota", _ota("invalid"))
+    d.advance(6000)
+    assert d.ota.error == "image rejected: not a valid app image"
+
+
+def test_ota_an_image_that_crashes_rolls_back_and_is_not_tried_again():
+    restarts = []
+    d, statuses = _device(on_restart=lambda into, reason: restarts.append((into, reason)))
+    d.message("smartmeter/KE-9/command/ota", _ota("crashes"))
+    d.advance(8000)
+    assert restarts == [("1.2.0", "software"), ("1.2.0", "panic"), ("1.0.0", "software")]
+    assert d.fw == "1.0.0" and d.ota.state is OtaState.ROLLED_BACK
+    d.connect()
+    assert any(s.get("otaError") == "the new image crashed (panic)" and s["fw"] == "1.0.0" for s in statuses)
+    d.message("smartmeter/KE-9/command/ota", _ota("crashes", cmd_id="ota-2"))
+    assert statuses[-1]["message"] == "OTA 1.2.0 refused: this image rolled back before"
+
+
+def test_ota_an_image_without_an_acknowledged_report_rolls_back_after_the_confirmation_time():
+    d, _ = _device(ota_config=OtaConfig(confirm_timeout_ms=60000))
+    d.message("smartmeter/KE-9/command/ota", _ota("silent"))
+    d.advance(8000)
+    assert d.fw == "1.4.0"
+    d.advance(62000)  # never connects
+    assert d.fw == "1.0.0" and d.ota.state is OtaState.ROLLED_BACK
+    assert d.ota.error == "no acknowledged report within the confirmation time"
+
+
+def test_ota_a_power_cut_mid_download_fails_and_one_after_activation_boots_the_new_image():
+    d, _ = _device()
+    d.message("smartmeter/KE-9/command/ota", _ota("good"))
+    d.advance(2000)
+    d.power_cut()
+    assert d.ota.state is OtaState.FAILED and d.ota.error == "interrupted by a reboot"
+    d.message("smartmeter/KE-9/command/ota", _ota("good", cmd_id="ota-2"))
+    d.advance(5000)  # downloaded and activated, not yet restarted
+    d.power_cut()
+    assert d.fw == "1.1.0" and d.ota.state is OtaState.PENDING
+
+
+def test_commands_to_ota_decode_strictly():
+    cmd, why, _ = decode_ota_command(_ota("good"))
+    assert cmd is not None and cmd.version == "1.1.0"
+    assert decode_ota_command(_ota("good").replace("https://", "http://"))[1] == "bad url"
+    assert decode_ota_command(_ota("good").replace("https://", "http://"), require_https=False)[0] is not None
+    assert decode_ota_command('{"url": "https://x", "version": "a/b", "cmdId": "c"}')[1:] == ("bad version", "c")
+    assert base64_decode("TWE=") == b"Ma" and base64_decode("TWF=") is None and base64_decode("TW=E") is None
+
+
+def test_the_boot_loop_guard_counts_fast_reboots_and_safe_mode_holds_the_relay_open():
+    rtc = RetainedMemory()
+    cfg = BootGuardConfig(max_fast_boots=2, stable_after_ms=60000, safe_mode_ms=300000)
+    assert [BootGuard(rtc, cfg).begin() for _ in range(3)] == [False, False, True]
+    rtc.clear()  # a power cut: the count is gone
+    g = BootGuard(rtc, cfg)
+    assert not g.begin() and g.fast_boots == 1
+    g.loop(60000)
+    assert BootGuard(rtc, cfg).begin() is False
+
+    relays = []
+    d, statuses = _device(boot_guard=BootGuardConfig(max_fast_boots=2, stable_after_ms=60000, safe_mode_ms=120000),
+                          on_relay=relays.append)
+    for _ in range(3):
+        d.reboot("panic")
+    assert d.safe is not None and relays[-1] is False
+    d.connect()
+    assert statuses[-1]["safeMode"] is True and "balance" not in statuses[-1] and statuses[-1]["fastBoots"] == 4
+    d.message("smartmeter/KE-9/command/balance", '{"balance": 99, "timestamp": 1}')
+    assert not d.relay_closed
+    d.advance(121000)  # safe mode is over
+    assert d.safe is None and d.core.balance == 20
+
+
+def test_sim_device_storage_faults_keep_or_restart_the_register_history():
+    d, _ = _device()
+    reg_id = d.core.reg_id
+    d.reboot("task_wdt")
+    assert d.core.reg_id == reg_id
+    d.advance(31000)  # one report in the ring
+    d.wipe_nvs()
+    assert d.core.reg_id == reg_id  # resumed from the report ring
+    d.swap_board()
+    assert d.core.reg_id != reg_id and d.core.energy_total == 0
+    d.reset_sensor(0.0)
+    d.advance(11000)
+    assert d.core.energy_total == 0

@@ -274,6 +274,7 @@ void MeterCore::restoreState(uint32_t t) {
 
 void MeterCore::begin() {
     uint32_t t = now();
+    if (ota_ != nullptr) ota_->begin(cfg_.fwVersion, resetReason_, uptime_.total());
     restoreState(t);
     // Reserve a block: the stored value is always above every seq this boot can use, so a
     // reboot at any moment resumes above the last one sent (a gap, never a repeat), at the cost
@@ -315,7 +316,28 @@ void MeterCore::loop() {
         std::string c = condition();
         publishStatus(c, conditionMessage(c), "");
     }
+    if (ota_ != nullptr) {
+        OtaManager::Action a = ota_->loop(uptime_.total());
+        publishOtaEvents();
+        // The state goes to flash before the restart into the new image (or back to the old
+        // one), so that neither forgives anything.
+        if (a == OtaManager::Action::Restart) {
+            persistState();
+            ota_->restartNow();
+        } else if (a == OtaManager::Action::Rollback) {
+            persistState();
+            ota_->rollbackNow();
+        }
+    }
     if (retainedDirty_) saveRetained();
+}
+
+void MeterCore::publishOtaEvents() {
+    if (ota_ == nullptr || !connected_) return;  // kept until the next connect
+    OtaEvent e;
+    while (ota_->takeEvent(e)) {
+        publishStatus(e.error ? std::string("error") : std::string(condition()), e.message, e.cmdId);
+    }
 }
 
 void MeterCore::sample(uint32_t t) {
@@ -409,6 +431,11 @@ StatusInfo MeterCore::statusInfo(const std::string& status, const std::string& m
     s.resetReason = resetReason_;
     s.regId = regId_;
     s.unbilledKwh = unbilledKwh_;
+    if (ota_ != nullptr) {
+        s.otaState = otaStateName(ota_->state());
+        if (ota_->state() != OtaState::Idle) s.otaVersion = ota_->targetVersion();
+        if (ota_->state() == OtaState::Failed || ota_->state() == OtaState::RolledBack) s.otaError = ota_->error();
+    }
     s.cmdId = cmdId;
     return s;
 }
@@ -538,6 +565,10 @@ void MeterCore::onPublished(int msgId) {
     log_.consume(key);
     inflight_.erase(std::remove_if(inflight_.begin(), inflight_.end(), [&](const Inflight& f) { return f.key == key; }),
                     inflight_.end());
+    if (ota_ != nullptr) {
+        ota_->onReportAcked(uptime_.total());  // a new image has proved it can report
+        publishOtaEvents();
+    }
     drainBuffer();
 }
 
@@ -597,6 +628,7 @@ void MeterCore::onConnected() {
         publishNotice(pendingNotice_);
         pendingNotice_.clear();
     }
+    publishOtaEvents();
     publishConditionIfChanged();
 }
 
@@ -623,6 +655,9 @@ void MeterCore::onMessage(const std::string& t, const std::string& payload) {
     } else if (t == topic("command/relay")) {
         RelayCommand cmd;
         if (decodeRelayCommand(payload, cmd)) applyRelayCommand(cmd);
+    } else if (t == topic("command/ota") && ota_ != nullptr) {
+        ota_->onCommand(payload, uptime_.total());
+        publishOtaEvents();
     }
 }
 

@@ -12,6 +12,7 @@
 
 #include "meter/interfaces.h"
 #include "meter/numeric.h"
+#include "meter/ota.h"
 #include "meter/payloads.h"
 
 namespace meter {
@@ -110,6 +111,9 @@ public:
 
     // Optional, before begin(): RAM that survives soft resets (RTC memory on the device).
     void attachRetained(RetainedStore& retained) { retained_ = &retained; }
+    // Optional, before begin(): over-the-air updates (command/ota, status fields, confirmation
+    // of a new image by the first acknowledged report). begin() calls ota.begin().
+    void attachOta(OtaManager& ota) { ota_ = &ota; }
 
     // Restores the persisted state, reserves a block of seq numbers and sets the relay.
     void begin();
@@ -143,6 +147,7 @@ public:
     bool connected() const { return connected_; }
     uint64_t nextSeq() const { return seqNext_; }
     size_t inflight() const { return inflight_.size(); }  // reports awaiting their PUBACK
+    uint64_t uptimeMs() const { return uptime_.total(); }
     RelayOverride relayOverride() const { return override_; }
     const char* condition() const;
 
@@ -154,6 +159,7 @@ private:
     void publishConditionIfChanged();
     void publishStatus(const std::string& status, const std::string& message, const std::string& cmdId);
     void publishNotice(const std::string& message);
+    void publishOtaEvents();
     std::string drawRegId();
     void restoreState(uint32_t t);
     void emitReport();
@@ -175,6 +181,7 @@ private:
     Publisher& publisher_;
     Random& random_;
     RetainedStore* retained_ = nullptr;
+    OtaManager* ota_ = nullptr;
     std::string resetReason_;
 
     UptimeCounter uptime_;

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "meter/interfaces.h"
+#include "meter/ota.h"
 
 namespace meter {
 
@@ -385,6 +386,101 @@ private:
     uint64_t pass_ = 0;
     int lastId_ = 0;
     std::vector<Item> items_;
+};
+
+}  // namespace meter
+
+namespace meter {
+
+// The device's OTA primitives (esp_https_ota into the inactive slot, esp_ota_ops) over a table
+// of images by URL. A fetch takes fetchMs; restart() and rollback() only raise a flag that the
+// test or trace runner turns into a reboot into the right image. The Python port's
+// SimOtaPlatform is the same model with an injected fetch function.
+class FakeOtaPlatform : public OtaPlatform {
+public:
+    struct Image {
+        std::string bytes;
+        std::string version;   // what the image reports as fw once it runs
+        bool crashes = false;  // it panics right after boot (before it can report)
+        bool invalid = false;  // esp_https_ota_finish refuses it (not an app image)
+    };
+
+    explicit FakeOtaPlatform(const ManualClock& clock) : clock_(clock) {}
+
+    bool beginFetch(const std::string& url) override {
+        ++fetches;
+        fetching_ = true;
+        haveFetched_ = false;
+        url_ = url;
+        startedAt_ = clock_.monotonic();
+        return true;
+    }
+    Fetch pollFetch(std::string& error) override {
+        if (!fetching_) {
+            error = "no download running";
+            return Fetch::Failed;
+        }
+        if (clock_.monotonic() - startedAt_ < fetchMs) return Fetch::InProgress;
+        fetching_ = false;
+        auto it = images.find(url_);
+        if (it == images.end()) {
+            error = "HTTP 404";
+            return Fetch::Failed;
+        }
+        fetched_ = it->second;
+        haveFetched_ = true;
+        return Fetch::Done;
+    }
+    bool fetchedSha256(uint8_t out[32]) override {
+        return haveFetched_ && sha256(reinterpret_cast<const uint8_t*>(fetched_.bytes.data()), fetched_.bytes.size(), out);
+    }
+    void abortFetch() override {
+        fetching_ = false;
+        haveFetched_ = false;
+    }
+    bool activate(std::string& error) override {
+        if (!haveFetched_) {
+            error = "nothing downloaded";
+            return false;
+        }
+        if (fetched_.invalid) {
+            error = "not a valid app image";
+            return false;
+        }
+        next = fetched_;
+        haveNext = true;
+        return true;
+    }
+    void restart() override { restartRequested = true; }
+    bool markValid() override {
+        ++markedValid;
+        return true;
+    }
+    void rollback() override { rollbackRequested = true; }
+    // A reset: a download in progress is gone (the boot image choice is in flash and stays).
+    void reset() {
+        fetching_ = false;
+        haveFetched_ = false;
+        restartRequested = false;
+        rollbackRequested = false;
+    }
+
+    std::map<std::string, Image> images;
+    uint64_t fetchMs = 5000;
+    Image next;              // the image the next restart boots, after activate()
+    bool haveNext = false;
+    bool restartRequested = false;
+    bool rollbackRequested = false;
+    int markedValid = 0;
+    int fetches = 0;
+
+private:
+    const ManualClock& clock_;
+    bool fetching_ = false;
+    bool haveFetched_ = false;
+    std::string url_;
+    uint64_t startedAt_ = 0;
+    Image fetched_;
 };
 
 }  // namespace meter
