@@ -54,6 +54,7 @@ MSG_REGISTER_AHEAD = "Balance command energyTotal is ahead of this meter's regis
 MSG_OVER_RATED = "Energy register advanced faster than the rated power: excess not billed"
 MSG_STATE_UNREADABLE = "Stored state unreadable: new register history"
 MSG_STATE_FROM_LOG = "Stored state missing or unreadable: resumed from the report log"
+MSG_COMMANDS_LOST = "Commands lost before the meter could read them: "
 
 
 def elapsed_ms(now: int, since: int) -> int:
@@ -1755,6 +1756,11 @@ class MeterCore:
 
     def set_wifi_rssi(self, rssi: int) -> None:
         self.wifi_rssi = rssi
+
+    def commands_lost(self, total: int) -> None:
+        """The transport could not queue `total` acknowledged commands so far: an error status."""
+        self._now()
+        self._publish_notice(MSG_COMMANDS_LOST + str(total))
 
     def persist_now(self) -> None:
         self._now()

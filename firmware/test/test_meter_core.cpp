@@ -363,3 +363,14 @@ TEST_CASE("the report log is a second witness of the register when the state wri
     CHECK(core->energyTotal() == 0.5);  // from the ring, not the stale NVS value (0)
     CHECK(core->balance() == 9.5);
 }
+
+TEST_CASE("commands the glue could not queue are reported, with their count") {
+    Rig r;
+    r.boot();
+    r.core->onConnected();
+    r.core->commandsLost(3);
+    auto st = r.on("status");
+    Payload notice(st.back().payload);
+    CHECK(notice.str("status") == "error");
+    CHECK(notice.str("message") == std::string(kMsgCommandsLost) + "3");
+}

@@ -834,3 +834,11 @@ def test_sim_device_storage_faults_keep_or_restart_the_register_history():
     d.reset_sensor(0.0)
     d.advance(11000)
     assert d.core.energy_total == 0
+
+
+def test_commands_the_transport_could_not_queue_are_reported():
+    b = Bench()
+    b.core.on_connected()
+    b.core.commands_lost(3)
+    assert b.on("status")[-1]["status"] == "error"
+    assert b.on("status")[-1]["message"] == "Commands lost before the meter could read them: 3"

@@ -451,6 +451,11 @@ void MeterCore::publishStatus(const std::string& status, const std::string& mess
 // at once or in the next loop) the meter's actual condition again, which stays retained.
 void MeterCore::publishNotice(const std::string& message) { publishStatus("error", message, ""); }
 
+void MeterCore::commandsLost(uint32_t total) {
+    now();
+    publishNotice(std::string(kMsgCommandsLost) + std::to_string(total));
+}
+
 void MeterCore::publishConditionIfChanged() {
     std::string c = condition();
     if (connected_ && c != publishedCondition_) publishStatus(c, conditionMessage(c), "");

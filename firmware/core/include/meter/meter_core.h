@@ -103,6 +103,7 @@ constexpr const char* kMsgRegisterAhead = "Balance command energyTotal is ahead 
 constexpr const char* kMsgOverRated = "Energy register advanced faster than the rated power: excess not billed";
 constexpr const char* kMsgStateUnreadable = "Stored state unreadable: new register history";
 constexpr const char* kMsgStateFromLog = "Stored state missing or unreadable: resumed from the report log";
+constexpr const char* kMsgCommandsLost = "Commands lost before the meter could read them: ";
 
 class MeterCore {
 public:
@@ -130,6 +131,9 @@ public:
     void onMessage(const std::string& topic, const std::string& payload);
 
     void setWifiRssi(int rssi) { wifiRssi_ = rssi; }
+    // The glue could not queue `total` commands so far (its queue was full): the broker had them
+    // acknowledged, so they are not redelivered. An error status says so, with the count.
+    void commandsLost(uint32_t total);
     void persistNow();      // before an OTA update or a deliberate restart
 
     // The Last Will to configure before (re)connecting: status "offline", retained.
