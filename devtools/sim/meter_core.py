@@ -2237,3 +2237,16 @@ class SimDevice:
     def reset_sensor(self, kwh: float = 0.0) -> None:
         """The PZEM's own register restarts (reset or replaced)."""
         self.sensor_kwh = kwh
+
+    def load_state(self, *, reg_id: str, energy_total: float, balance: float, next_seq: int,
+                   raw_kwh: float | None = None, reason: str = "poweron") -> None:
+        """Puts a known register history into NVS (as if the meter had run it) and boots from it.
+        raw_kwh: the sensor register saved with it (None: the first reading is a baseline)."""
+        if len(reg_id) != OWN_REG_ID_CHARS or not valid_reg_id(reg_id):
+            raise ValueError(f"a meter's own regId is {OWN_REG_ID_CHARS} of {REG_ID_ALPHABET}")
+        state = StateRecord(reg_id=reg_id, energy_total=energy_total, balance=balance,
+                            have_raw=raw_kwh is not None, raw_kwh=raw_kwh or 0.0)
+        self.kv.put(KEY_STATE, encode_state(state))
+        self.kv.put(KEY_SEQ, struct.pack("<Q", next_seq))
+        self.rtc.clear()  # else a soft reset would resume the state held in RTC memory
+        self._reset(reason)

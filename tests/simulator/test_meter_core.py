@@ -842,3 +842,14 @@ def test_commands_the_transport_could_not_queue_are_reported():
     b.core.commands_lost(3)
     assert b.on("status")[-1]["status"] == "error"
     assert b.on("status")[-1]["message"] == "Commands lost before the meter could read them: 3"
+
+
+def test_sim_device_can_start_from_a_known_register_history():
+    d = SimDevice(MeterConfig(meter_no="KE-10", status_interval_ms=0), random32=XorShift32(3))
+    d.load_state(reg_id="Known_01", energy_total=12.5, balance=7.25, next_seq=100, raw_kwh=3000.0)
+    assert (d.core.reg_id, d.core.energy_total, d.core.balance, d.core.next_seq) == ("Known_01", 12.5, 7.25, 100)
+    d.sensor_kwh = 3000.25  # used while it was down: billed from the saved register
+    d.advance(1000)
+    assert d.core.energy_total == 12.75
+    with pytest.raises(ValueError):
+        d.load_state(reg_id="bad/id", energy_total=0, balance=0, next_seq=0)
