@@ -10,7 +10,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 build="$here/build"
 
 missing=()
-for pkg in doctest-dev libcjson-dev cmake g++; do
+for pkg in doctest-dev libcjson-dev libmbedtls-dev cmake g++; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -14,12 +14,13 @@ from typing import TextIO
 
 from devtools.sim.meter_core import (
     KEY_STATE,
-    ManualClock,
-    MemoryKvStore,
+    BootGuardConfig,
+    Delivery,
     MeterConfig,
-    MeterCore,
-    ReportBuffer,
+    OtaConfig,
+    SimDevice,
     XorShift32,
+    ota_state_name,
     relay_override_name,
 )
 
@@ -44,6 +45,9 @@ def _config_from(step: dict) -> MeterConfig:
         rated_max_kw=step.get("ratedMaxKw", d.rated_max_kw),
         boot_gap_ms=int(step.get("bootGapMs", d.boot_gap_ms)),
         register_tolerance_kwh=step.get("registerToleranceKwh", d.register_tolerance_kwh),
+        max_inflight=int(step.get("maxInflight", d.max_inflight)),
+        max_outbox_bytes=int(step.get("maxOutboxBytes", d.max_outbox_bytes)),
+        outbox_expiry_ms=int(step.get("outboxExpiryMs", d.outbox_expiry_ms)),
     )
 
 
@@ -56,102 +60,137 @@ def _payload_of(step: dict, reg_id: str) -> str:
     return json.dumps(p, separators=(",", ":"), ensure_ascii=False).replace('"$regId"', f'"{reg_id}"')
 
 
+def _device_from(step: dict, out: Callable[[str], None]) -> SimDevice:
+    g = BootGuardConfig()
+    guard = BootGuardConfig(
+        max_fast_boots=int(step.get("maxFastBoots", g.max_fast_boots)),
+        stable_after_ms=int(step.get("stableAfterMs", g.stable_after_ms)),
+        safe_mode_ms=int(step.get("safeModeMs", g.safe_mode_ms)),
+    )
+    key = bytes.fromhex(step["otaPublicKey"]) if step.get("otaPublicKey") else None
+    if key is not None and len(key) != 65:
+        raise ValueError("otaPublicKey must be 65 bytes of hex")
+    o = OtaConfig()
+    ota_config = OtaConfig(
+        require_https=step.get("otaRequireHttps") is not False,
+        download_timeout_ms=int(step.get("otaDownloadTimeoutMs", o.download_timeout_ms)),
+        confirm_timeout_ms=int(step.get("otaConfirmTimeoutMs", o.confirm_timeout_ms)),
+    )
+    images = step.get("otaImages", {})
+    by_content = {img.get("text", "").encode(): img for img in images.values()}
+
+    def fetch(url: str) -> bytes | None:
+        return images[url].get("text", "").encode() if url in images else None
+
+    device = SimDevice(
+        _config_from(step),
+        random32=XorShift32(int(step.get("rngSeed", 1))),
+        start_millis=int(step.get("startMillis", 0)),
+        buffer_capacity=int(step.get("bufferCapacity", 64)),
+        outbox_expiry_ms=int(step.get("outboxExpiryMs", 30000)),
+        boot_guard=guard,
+        ota_public_key=key,
+        ota_config=ota_config,
+        ota_fetch=fetch,
+        ota_fetch_ms=int(step.get("otaFetchMs", 5000)),
+        ota_valid=lambda image: by_content.get(image, {}).get("invalid") is not True,
+        ota_crashes=lambda image: by_content.get(image, {}).get("crashes") is True,
+        on_relay=lambda closed: out(_line({"event": "relay", "closed": closed})),
+        on_restart=lambda into, reason: out(_line({"event": "restart", "into": into, "reason": reason})),
+        reset_reason=step.get("resetReason", "poweron"),
+        wifi_rssi=int(step.get("wifiRssi", -65)),
+    )
+
+    def emit_delivery(d: Delivery) -> None:
+        line = {"event": "publish", "topic": d.topic, "qos": d.qos, "retain": d.retain}
+        if d.qos > 0:
+            line["msgId"] = d.id
+        if d.dup:
+            line["dup"] = True
+        line["payload"] = d.payload
+        out(_line(line))
+
+    device.outbox.on_transmit = emit_delivery
+    device.outbox.on_expired = lambda msg_id: out(_line({"event": "expired", "msgId": msg_id}))
+    device.outbox.report_deleted = step.get("reportDeleted") is True
+    id_seed = int(step.get("msgIdSeed", 0))
+    if id_seed:
+        device.outbox.id_source = XorShift32(id_seed)
+    return device
+
+
 def run_trace(lines, out: Callable[[str], None]) -> None:
     """Runs the trace given as an iterable of JSON lines; `out` receives each output line."""
-
-    def emit_message(event: str, topic: str, payload: str, qos: int, retain: bool) -> None:
-        out(_line({"event": event, "topic": topic, "qos": qos, "retain": retain, "payload": payload}))
-
-    def publish(topic: str, payload: str, qos: int, retain: bool) -> bool:
-        emit_message("publish", topic, payload, qos, retain)
-        return True
-
-    def set_relay(closed: bool) -> None:
-        out(_line({"event": "relay", "closed": closed}))
-
-    sensor: list[float | None] = [None]  # the PZEM's register; None = not answering
-    clock = ManualClock()
-    state = {"core": None, "buffer": None, "cfg": MeterConfig(), "step": 1000, "rssi": -65,
-             "kv": MemoryKvStore(), "rng": XorShift32(1), "capacity": 64}
-
-    def boot(reason: str) -> MeterCore:
-        core = MeterCore(
-            state["cfg"], clock, state["kv"], state["buffer"], publish, set_relay, lambda: sensor[0],
-            reset_reason=reason, random32=state["rng"],
-        )
-        core.set_wifi_rssi(state["rssi"])
-        core.begin()
-        state["core"] = core
-        return core
-
+    device: SimDevice | None = None
+    step_ms = 1000
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
         step = json.loads(text)
         op = step.get("op")
-        core: MeterCore | None = state["core"]
         if op == "config":
-            state["cfg"] = _config_from(step)
-            state["step"] = int(step.get("loopStepMs", 1000))
-            state["rssi"] = int(step.get("wifiRssi", state["rssi"]))
-            state["capacity"] = int(step.get("bufferCapacity", 64))
-            state["buffer"] = ReportBuffer(state["capacity"])
-            state["rng"] = XorShift32(int(step.get("rngSeed", 1)))
-            clock.restart(int(step.get("startMillis", 0)))
-            boot(step.get("resetReason", "poweron"))
+            step_ms = int(step.get("loopStepMs", 1000))
+            device = _device_from(step, out)
             continue
-        if core is None:
+        if device is None:
             raise ValueError(f"line {number}: the first step must be config")
+        reg_id = device.core.reg_id if device.core is not None else ""
         if op == "advance":
-            remaining = int(step.get("ms", 0))
-            while remaining > 0:
-                d = min(remaining, state["step"])
-                clock.advance(d)
-                remaining -= d
-                core.loop()
+            device.advance(int(step.get("ms", 0)), step_ms)
         elif op == "energy":
-            sensor[0] = step.get("kwh", 0)
+            device.sensor_kwh = step.get("kwh", 0)
         elif op == "sensor_fail":
-            sensor[0] = None
+            device.sensor_kwh = None
         elif op == "time_sync":
-            clock.sync(int(step.get("unixMs", 0)))
+            device.clock.sync(int(step.get("unixMs", 0)))
         elif op == "rssi":
-            state["rssi"] = int(step.get("dbm", state["rssi"]))
-            core.set_wifi_rssi(state["rssi"])
+            device.set_wifi_rssi(int(step.get("dbm", device.wifi_rssi)))
         elif op == "connect":
-            will = core.will_message()
-            emit_message("will", will.topic, will.payload, will.qos, will.retain)
-            core.on_connected()
+            will = device.will_message()
+            out(_line({"event": "will", "topic": will.topic, "qos": will.qos, "retain": will.retain,
+                       "payload": will.payload}))
+            device.connect()
         elif op == "disconnect":
-            core.on_disconnected()
-        elif op == "balance_cmd":
-            core.on_message(core.topic("command/balance"), _payload_of(step, core.reg_id))
-        elif op == "relay_cmd":
-            core.on_message(core.topic("command/relay"), _payload_of(step, core.reg_id))
-        elif op == "message":
-            core.on_message(step.get("topic", ""), _payload_of(step, core.reg_id))
+            device.disconnect()
+        elif op == "acks":
+            device.outbox.acking = step.get("on") is True
+        elif op == "blackhole":
+            device.outbox.blackhole = step.get("on") is True
+        elif op in ("balance_cmd", "relay_cmd", "ota_cmd", "message"):
+            topic = step.get("topic", "") if op == "message" else \
+                f"smartmeter/{device.config.meter_no}/command/{op[:-4]}"
+            device.message(topic, _payload_of(step, reg_id))
         elif op in ("reboot", "wipe_nvs", "corrupt_state", "wipe_ring", "swap_board"):
             # Storage faults happen while the meter is down; each of these ops ends with a boot.
-            if op == "wipe_nvs":
-                state["kv"].wipe()
-            if op == "corrupt_state":
-                state["kv"].corrupt(step.get("key", KEY_STATE))
-            if op in ("wipe_ring", "swap_board"):
-                state["buffer"] = ReportBuffer(state["capacity"])
-            if op == "swap_board":
-                state["kv"] = MemoryKvStore()  # a new board under the same meterNo
-            clock.restart(int(step.get("startMillis", 0)))
-            boot(step.get("reason", "software" if op == "reboot" else "poweron"))
+            reason = step.get("reason", "software" if op == "reboot" else "poweron")
+            start = int(step.get("startMillis", 0))
+            if op == "reboot":
+                device.reboot(reason, start)
+            elif op == "wipe_nvs":
+                device.wipe_nvs(reason, start)
+            elif op == "corrupt_state":
+                device.corrupt_state(step.get("key", KEY_STATE), reason, start)
+            elif op == "wipe_ring":
+                device.wipe_ring(reason, start)
+            else:
+                device.swap_board(reason, start)
         else:
             raise ValueError(f"line {number}: unknown op {op!r}")
 
-    core = state["core"]
-    if core is None:
+    if device is None:
         raise ValueError("empty trace")
+    ota_state = ota_state_name(device.ota.state) if device.ota is not None else "none"
+    if device.safe is not None:
+        out(_line({"event": "final", "safeMode": True, "fastBoots": device.guard.fast_boots, "fw": device.fw,
+                   "otaState": ota_state, "outbox": len(device.outbox)}))
+        return
+    core = device.core
     out(
         _line(
             {
                 "event": "final",
+                "fw": device.fw,
+                "otaState": ota_state,
                 "balance": core.balance,
                 "energyTotal": core.energy_total,
                 "relayClosed": core.relay_closed,
@@ -161,6 +200,8 @@ def run_trace(lines, out: Callable[[str], None]) -> None:
                 "unbilledKwh": core.unbilled_kwh,
                 "nextSeq": core.next_seq,
                 "buffered": core.buffered,
+                "inflight": core.inflight,
+                "outbox": len(device.outbox),
             }
         )
     )

@@ -46,8 +46,9 @@ struct Rig {
     std::unique_ptr<FlashRing> ring;
     FakeRelay relay;
     FakeEnergy energy;
-    RecordingPublisher pub;
+    FakeEspMqtt pub{clock};  // the network is up; the core learns of it from onConnected()
     XorShiftRandom rng{12345};
+    MemRetained rtc;
     std::unique_ptr<MeterCore> core;
 
     explicit Rig(uint32_t startMillis = 0) : clock(startMillis) {
@@ -60,25 +61,39 @@ struct Rig {
     MeterCore& boot(const std::string& reason = "poweron") {
         ring.reset(new FlashRing(flash, 64));
         core.reset(new MeterCore(cfg, clock, kv, *ring, relay, energy, pub, rng, reason));
+        core->attachRetained(rtc);
         core->setWifiRssi(-65);
         core->begin();
         return *core;
     }
+    // A power cut: RAM, RTC memory and the client's outbox are lost; NVS and the ring survive.
     void reboot(uint32_t startMillis = 0) {
+        rtc.clear();
+        pub.powerCut();
+        pub.connect();
         clock.restart(startMillis);
-        boot("software");
+        boot("poweron");
     }
-    // Advances time the way the device's loop() runs: one call per second.
+    // A watchdog or software reset: RTC memory survives.
+    void softReset(const std::string& reason = "task_wdt") {
+        pub.powerCut();
+        pub.connect();
+        clock.restart(0);
+        boot(reason);
+    }
+    // Advances time the way the device's loop() runs: one call per second, the MQTT client's
+    // events (PUBACKs) handed over before each.
     void run(uint64_t ms, uint64_t step = 1000) {
         while (ms > 0) {
             uint64_t d = ms < step ? ms : step;
             clock.advance(d);
             ms -= d;
+            pub.serviceInto(*core);
             core->loop();
         }
     }
-    std::vector<Published> on(const std::string& suffix) const {
-        std::vector<Published> out;
+    std::vector<FakeEspMqtt::Delivery> on(const std::string& suffix) const {
+        std::vector<FakeEspMqtt::Delivery> out;
         for (const auto& m : pub.messages) {
             if (m.topic == "smartmeter/" + cfg.meterNo + "/" + suffix) out.push_back(m);
         }

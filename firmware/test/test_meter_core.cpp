@@ -232,7 +232,9 @@ TEST_CASE("offline reports are buffered and replayed oldest-first, before newer 
         r.run(30000);
         CHECK(r.ring->size() == 1);
         r.pub.refuse = false;
-        r.run(1000);
+        r.run(1000);  // sent
+        CHECK(r.ring->size() == 1);
+        r.run(1000);  // acknowledged
         CHECK(r.ring->size() == 0);
         CHECK(Payload(r.on("consumption").back().payload).num("seq") == 5);
     }
@@ -254,7 +256,7 @@ TEST_CASE("seq never repeats across reboots and costs one flash write per block"
     CHECK(r.kv.writes("seq") == 3);  // first boot (4), seq 4 reached (8), second boot (12)
 }
 
-TEST_CASE("energy and balance are persisted at every report, payments at once") {
+TEST_CASE("the state is written at most once a minute while billing, payments and new baselines at once") {
     Rig r;
     r.cfg.persistIntervalMs = 60000;
     r.boot();
@@ -262,14 +264,19 @@ TEST_CASE("energy and balance are persisted at every report, payments at once") 
     r.balanceCmd(R"({"balance": 100, "timestamp": 1})");
     CHECK(r.kv.writes("state") == 2);  // the payment is written immediately
     r.energy.setKwh(0);
+    r.run(1000);
+    CHECK(r.kv.writes("state") == 3);  // the first sensor reading of a boot without a saved one
     for (int s = 1; s <= 600; ++s) {  // 10 minutes of steady consumption, a report every 30 s
         r.energy.setKwh(s * 0.001);
         r.run(1000);
     }
-    // One write per report; the per-interval write never comes due between 30 s reports.
-    CHECK(r.kv.writes("state") == 2 + 20);
+    // One write a minute, not one per report (20 reports went out).
+    CHECK(r.ring->size() == 16);  // 20 reports into a 16-slot ring while offline
+    CHECK(r.kv.writes("state") == 3 + 10);
+    r.run(59000);  // no consumption: nothing new to write
+    CHECK(r.kv.writes("state") == 3 + 10);
     double billed = r.core->energyTotal();
-    r.reboot();  // power cut right after the 20th report: nothing billed is lost
+    r.reboot();  // power cut: the report log and the saved sensor register cover the gap
     CHECK(r.core->energyTotal() == billed);
     CHECK(r.core->balance() == doctest::Approx(100 - billed).epsilon(1e-12));
 }
@@ -326,7 +333,7 @@ TEST_CASE("the report log is a second witness of the register when the state wri
     MemFlash flash{16 * 64, 64};
     FakeRelay relay;
     FakeEnergy energy;
-    RecordingPublisher pub;
+    FakeEspMqtt pub(clock);
     XorShiftRandom rng(7);
     auto ring = std::make_unique<FlashRing>(flash, 64);
     auto core = std::make_unique<MeterCore>(cfg, clock, kv, *ring, relay, energy, pub, rng, "poweron");
@@ -337,6 +344,7 @@ TEST_CASE("the report log is a second witness of the register when the state wri
     auto run = [&](int seconds) {
         for (int i = 0; i < seconds; ++i) {
             clock.advance(1000);
+            pub.serviceInto(*core);
             core->loop();
         }
     };
@@ -344,7 +352,8 @@ TEST_CASE("the report log is a second witness of the register when the state wri
     energy.setKwh(7.5);
     run(19);  // two reports while offline: both in the ring, the state write refused
     REQUIRE(ring->size() == 2);
-    core->onConnected();  // replayed: consumed in flash, still the newest record
+    core->onConnected();
+    run(1);  // sent and acknowledged: consumed in flash, still the newest record
     CHECK(ring->size() == 0);
     CHECK(pub.messages.size() >= 2);
     clock.restart(0);
@@ -353,4 +362,15 @@ TEST_CASE("the report log is a second witness of the register when the state wri
     core->begin();
     CHECK(core->energyTotal() == 0.5);  // from the ring, not the stale NVS value (0)
     CHECK(core->balance() == 9.5);
+}
+
+TEST_CASE("commands the glue could not queue are reported, with their count") {
+    Rig r;
+    r.boot();
+    r.core->onConnected();
+    r.core->commandsLost(3);
+    auto st = r.on("status");
+    Payload notice(st.back().payload);
+    CHECK(notice.str("status") == "error");
+    CHECK(notice.str("message") == std::string(kMsgCommandsLost) + "3");
 }

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from devtools.sim.meter_core import ecdsa_p256_verify, ota_manifest
+
 ROOT = Path(__file__).resolve().parents[2]
 TRACES = sorted((ROOT / "firmware" / "trace").glob("*.jsonl"))
 RUNNER = ROOT / "firmware" / "build" / "trace_runner"
@@ -51,7 +53,8 @@ def _assert_same(cpp, py):
 def test_there_are_traces():
     names = {t.stem for t in TRACES}
     assert {"seed_and_reconcile", "offline_wrap_reboot", "power_cut_after_report", "state_wiped", "board_replaced",
-            "sensor_reset", "reboot_between_reports"} <= names
+            "sensor_reset", "reboot_between_reports", "outbox_long_outage", "ota_update_and_rollback",
+            "ota_power_cut", "boot_loop_safe_mode"} <= names
     goldens = {p.stem for p in (ROOT / "firmware" / "trace").glob("*.expected")}
     assert goldens == names, "every trace has a golden file and every golden file a trace"
 
@@ -102,6 +105,22 @@ TRICKY = [
 ]
 
 
+VECTORS = json.loads((ROOT / "firmware" / "test" / "keys" / "test_ota_vectors.json").read_text())
+OTA_IMAGES = {f"https://fw.example/{name}.bin": {"text": VECTORS["images"][name]["text"],
+                                                   "crashes": name == "crashes", "invalid": name == "invalid"}
+              for name in ("good", "crashes", "invalid", "silent")}
+
+
+def _random_ota_command(rng: random.Random) -> dict:
+    name = rng.choice(["good", "crashes", "invalid", "silent", "forged"])
+    v = VECTORS["images"][name]
+    payload = {"url": f"https://fw.example/{'good' if name == 'forged' else name}.bin", "version": v["version"],
+               "sha256": v["sha256"], "signature": v["signature"], "cmdId": f"ota-{rng.randint(0, 99)}"}
+    if rng.random() < 0.15:
+        payload[rng.choice(["url", "sha256", "signature", "version"])] = rng.choice(["", "http://x/y", "zz", 5])
+    return {"op": "ota_cmd", "payload": payload}
+
+
 def _random_trace(rng: random.Random) -> list:
     steps = [{
         "op": "config", "meterNo": rng.choice(["METER001", "m-7", "KE_0001"]),
@@ -111,7 +130,12 @@ def _random_trace(rng: random.Random) -> list:
         "seqBlock": rng.choice([1, 2, 64]), "replayBatch": rng.choice([1, 3, 20]),
         "bufferCapacity": rng.choice([2, 5, 16]), "lowBalanceThreshold": rng.choice([0, 1.0, 2.5]),
         "rngSeed": rng.randint(1, 2**32 - 1), "ratedMaxKw": rng.choice([18.4, 100, 1e6]),
-        "bootGapMs": rng.choice([0, 60000, 120000]),
+        "bootGapMs": rng.choice([0, 60000, 120000]), "maxInflight": rng.choice([1, 3, 8]),
+        "maxOutboxBytes": rng.choice([300, 4096]), "outboxExpiryMs": rng.choice([5000, 30000]),
+        "reportDeleted": rng.random() < 0.3, "msgIdSeed": rng.choice([0, 0, rng.randint(1, 2**32 - 1)]),
+        "otaPublicKey": VECTORS["publicKey"], "otaImages": OTA_IMAGES, "otaFetchMs": rng.choice([1000, 5000]),
+        "otaConfirmTimeoutMs": rng.choice([20000, 120000]), "maxFastBoots": rng.choice([1, 2, 5]),
+        "stableAfterMs": rng.choice([10000, 60000]), "safeModeMs": rng.choice([20000, 100000]),
     }]
     register = rng.uniform(0, 5000)
     for _ in range(rng.randint(20, 60)):
@@ -135,17 +159,24 @@ def _random_trace(rng: random.Random) -> list:
         elif kind < 0.75:
             steps.append({"op": "relay_cmd", "payload": {"state": rng.choice(["on", "off", "auto"]),
                                                          "cmdId": f"r-{rng.randint(0, 99)}"}})
-        elif kind < 0.82:
+        elif kind < 0.79:
             steps.append({"op": rng.choice(["connect", "disconnect"])})
+        elif kind < 0.82:
+            steps.append({"op": rng.choice(["acks", "blackhole"]), "on": rng.random() < 0.5})
         elif kind < 0.86:
             steps.append({"op": "sensor_fail"})
         elif kind < 0.9:
             steps.append({"op": "time_sync", "unixMs": 1698765400000 + rng.randint(0, 10**6)})
         elif kind < 0.93:
             steps.append({"op": "rssi", "dbm": rng.randint(-95, -40)})
-        elif kind < 0.97:
-            steps.append({"op": "reboot", "reason": rng.choice(["poweron", "brownout", "task_wdt"]),
+        elif kind < 0.94:
+            steps.append({"op": "reboot", "reason": rng.choice(["poweron", "brownout", "task_wdt", "panic"]),
                           "startMillis": rng.choice([0, 2**32 - 3000])})
+        elif kind < 0.95:
+            steps += [{"op": "reboot", "reason": "panic"}] * rng.randint(2, 6)  # a boot loop
+        elif kind < 0.97:
+            steps += [_random_ota_command(rng), {"op": "advance", "ms": rng.choice([3000, 9000])},
+                      {"op": "connect"}, {"op": "advance", "ms": rng.choice([12000, 31000])}]
         else:
             steps.append({"op": rng.choice(["wipe_nvs", "corrupt_state", "wipe_ring", "swap_board"])})
     return steps
@@ -167,3 +198,15 @@ def test_the_comparison_can_fail(cpp_runner, tmp_path):
     a, _ = _both(cpp_runner, base)
     b, _ = _both(cpp_runner, changed)
     assert a != b
+
+
+def test_the_python_ecdsa_agrees_with_the_vectors_and_openssl():
+    """The simulator's pure-Python P-256 check accepts what the test key signed and nothing else
+    (the vectors were signed by openssl; the firmware's mbedtls check runs on them in doctest)."""
+    key = bytes.fromhex(VECTORS["publicKey"])
+    for name, v in VECTORS["images"].items():
+        sig = __import__("base64").b64decode(v["signature"])
+        ok = ecdsa_p256_verify(key, ota_manifest(v["version"], v["sha256"]), sig)
+        assert ok == (name != "forged"), name
+        assert not ecdsa_p256_verify(key, ota_manifest(v["version"] + "x", v["sha256"]), sig)
+        assert not ecdsa_p256_verify(key, ota_manifest(v["version"], v["sha256"]), sig + b"\x00")

@@ -2,6 +2,7 @@
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -14,18 +15,28 @@ from devtools.sim.meter_core import (
     MSG_REGISTER_AHEAD,
     MSG_STATE_FROM_LOG,
     MSG_STATE_UNREADABLE,
+    BootGuard,
+    BootGuardConfig,
+    EspMqttOutbox,
     ManualClock,
     MemoryKvStore,
     MeterConfig,
     MeterCore,
+    OtaConfig,
+    OtaState,
     RelayOverride,
     Report,
     ReportBuffer,
     ReportMeta,
+    RetainedMemory,
+    SimDevice,
     StateRecord,
     XorShift32,
+    base64_decode,
     decode_balance_command,
+    decode_ota_command,
     decode_relay_command,
+    decode_retained,
     decode_state,
     elapsed_ms,
     encode_state,
@@ -214,7 +225,7 @@ def test_seq_survives_reboots_without_repeating():
     assert b.kv.writes(KEY_SEQ) == 3
 
 
-def test_state_is_persisted_at_every_report_and_payments_at_once():
+def test_state_is_written_at_most_once_a_minute_and_payments_at_once():
     b = Bench(persist_interval_ms=60000)
     assert b.kv.writes(KEY_STATE) == 1  # the new register history, at once
     b.balance_cmd({"balance": 100, "timestamp": 1})
@@ -222,10 +233,11 @@ def test_state_is_persisted_at_every_report_and_payments_at_once():
     for s in range(1, 601):
         b.register = s * 0.001
         b.run(1000)
-    assert b.kv.writes(KEY_STATE) == 2 + 20  # one per 30 s report
+    # the first reading of a boot without a saved register, then one write a minute (not 20)
+    assert b.kv.writes(KEY_STATE) == 3 + 9
     billed = b.core.energy_total
     b.clock.restart()
-    b.boot()  # power cut right after the 20th report
+    b.boot()  # power cut: the ring's newest report and the saved sensor register cover the gap
     assert b.core.energy_total == billed
 
 
@@ -505,3 +517,339 @@ def test_report_ring_records_are_consumed_in_any_order_and_overflow_drops_the_ol
     ring.append(reports[3])  # overwrites the slot of report 0 (pending: dropped)
     assert ring.dropped == 1 and [ring.peek_at(i)[1].seq for i in range(len(ring))] == [2, 3]
     assert ring.peek_newest()[0].seq == 3
+
+
+# ---- the ring is the outbox (firmware test_outbox.cpp) -------------------------------------------
+
+
+class Field:
+    """A meter on a network that can drop, stall and lose power (EspMqttOutbox)."""
+
+    def __init__(self, **cfg):
+        cfg.setdefault("status_interval_ms", 0)
+        cfg.setdefault("report_interval_ms", 10000)
+        cfg.setdefault("seq_block", 4)
+        self.config = MeterConfig(**cfg)
+        self.clock = ManualClock()
+        self.kv = MemoryKvStore()
+        self.ring = ReportBuffer(64)
+        self.rtc = RetainedMemory()
+        self.mqtt = EspMqttOutbox(self.clock.monotonic)
+        self.mqtt.disconnect()
+        self.rng = XorShift32(5)
+        self.sensor = 1000.0
+        self.consuming = True
+        self.appended = []
+        append = self.ring.append
+        self.ring.append = lambda r, meta=None: (self.appended.append(r), append(r, meta))[1]
+        self.boot()
+
+    def boot(self, reason="poweron"):
+        self.core = MeterCore(self.config, self.clock, self.kv, self.ring, self.mqtt.publish, lambda closed: None,
+                              lambda: self.sensor, reason, random32=self.rng, retained=self.rtc,
+                              outbox_bytes=self.mqtt.outbox_bytes)
+        self.core.begin()
+        self.core.on_message(self.core.topic("command/balance"), '{"balance": 1000, "timestamp": 1}')
+
+    def step(self, ms):
+        for _ in range(0, ms, 1000):
+            self.clock.advance(1000)
+            if self.consuming:
+                self.sensor += 0.0005
+            self.mqtt.service_into(self.core)
+            self.core.loop()
+
+    def up(self):
+        self.mqtt.connect()
+        self.core.on_connected()
+
+    def down(self):
+        self.mqtt.disconnect()
+        self.core.on_disconnected()
+
+    def power_cut(self):
+        self.mqtt.power_cut()
+        self.rtc.clear()
+        self.clock.restart()
+        self.boot()
+
+    def settle(self):
+        self.consuming = False
+        self.mqtt.acking, self.mqtt.blackhole = True, False
+        if not self.mqtt.connected:
+            self.up()
+        self.step(120000)
+        self.mqtt.service_into(self.core)
+
+    def reports(self):
+        return [json.loads(m.payload) for m in self.mqtt.messages if m.topic.endswith("/consumption")]
+
+    def check_delivered(self):
+        seen = {}
+        for m in self.mqtt.messages:
+            if m.topic.endswith("/consumption"):
+                p = json.loads(m.payload)
+                key = (p["regId"], p["seq"])
+                assert seen.setdefault(key, m.payload) == m.payload, "a duplicate must be the same report"
+        assert set(seen) == {(r.reg_id, r.seq) for r in self.appended}
+        assert len(self.ring) == 0
+
+
+def test_a_report_leaves_the_ring_only_on_its_puback():
+    f = Field()
+    f.up()
+    f.step(10000)
+    assert len(f.reports()) == 1 and len(f.ring) == 1 and f.core.inflight == 1
+    f.step(1000)
+    assert len(f.ring) == 0 and f.core.inflight == 0
+
+
+def test_a_report_expired_in_the_client_outbox_is_sent_again():
+    f = Field()
+    f.up()
+    f.mqtt.acking = False
+    expired = []
+    f.mqtt.on_expired = expired.append
+    f.step(41000)
+    assert len(expired) == 1 and len(f.reports()) == 4
+    f.step(1000)
+    assert len(f.reports()) == 5 and f.reports()[-1]["seq"] == 0
+    f.settle()
+    f.check_delivered()
+
+
+def test_a_drop_and_a_reconnect_after_more_than_30_s_lose_nothing():
+    f = Field()
+    f.up()
+    f.mqtt.acking = False
+    f.step(30000)
+    assert f.core.inflight == 3
+    f.down()
+    f.step(120000)
+    f.mqtt.acking = True
+    f.up()
+    f.settle()
+    f.check_delivered()
+    assert len(f.appended) == 27
+
+
+def test_an_id_two_messages_share_consumes_neither():
+    ids = iter([7, 7] + list(range(8, 100)))
+    f = Field()
+    f.mqtt.id_source = lambda: next(ids)
+    f.up()
+    f.mqtt.acking = False
+    f.step(20000)
+    f.mqtt.acking = True
+    f.step(1000)
+    assert len(f.ring) == 2
+    f.step(40000)
+    f.settle()
+    f.check_delivered()
+
+
+@pytest.mark.parametrize("cut", range(-1, 24))
+def test_no_report_is_lost_or_doubled_across_drop_reconnect_and_a_power_cut(cut):
+    f = Field()
+    for s in range(24):
+        phase = s % 8
+        if phase == 0:
+            f.up()
+        elif phase == 1:
+            f.mqtt.acking = False
+        elif phase == 2:
+            f.mqtt.blackhole = True
+        elif phase == 3:
+            f.down()
+        elif phase == 5:
+            f.mqtt.acking, f.mqtt.blackhole = True, False
+        elif phase == 6:
+            f.up()
+        f.step(45000 if phase == 4 else 7000)
+        if s == cut:
+            f.power_cut()
+    f.settle()
+    f.check_delivered()
+    assert f.reports()[-1]["energyTotal"] == round6(f.core.energy_total)
+
+
+def test_a_soft_reset_resumes_exactly_from_retained_memory():
+    f = Field(persist_interval_ms=600000)
+    f.up()
+    f.step(35000)
+    billed, writes = f.core.energy_total, f.kv.total_writes()
+    f.sensor += 0.001  # used during the reset
+    f.mqtt.power_cut()
+    f.mqtt.connect()
+    f.clock.restart()
+    f.boot("task_wdt")  # the retained memory survives
+    assert f.core.energy_total == billed
+    f.core.on_connected()
+    f.step(10000)
+    first, second = f.reports()[-2], f.reports()[-1]
+    assert second["unitsConsumed"] == round6(second["energyTotal"] - first["energyTotal"])
+    assert f.kv.total_writes() <= writes + 3  # the restored state, the seq block, the balance command
+    raw = bytearray(f.rtc.load())
+    raw[10] ^= 0x40
+    f.rtc.store(bytes(raw))
+    assert decode_retained(f.rtc.load()) is None
+
+
+# ---- OTA, boot-loop guard, safe mode, SimDevice (firmware test_ota.cpp) --------------------------
+
+VECTORS = json.loads((Path(__file__).resolve().parents[2] / "firmware" / "test" / "keys"
+                      / "test_ota_vectors.json").read_text())
+KEY = bytes.fromhex(VECTORS["publicKey"])
+IMAGES = {f"https://fw.example/{n}.bin": VECTORS["images"][n]["text"].encode()
+          for n in ("good", "crashes", "invalid", "silent")}
+
+
+def _ota(name, url=None, cmd_id="ota-1"):
+    v = VECTORS["images"][name]
+    return json.dumps({"url": url or f"https://fw.example/{name}.bin", "version": v["version"],
+                       "sha256": v["sha256"], "signature": v["signature"], "cmdId": cmd_id})
+
+
+def _device(**kw):
+    statuses = []
+    d = SimDevice(
+        MeterConfig(meter_no="KE-9", fw_version="1.0.0", status_interval_ms=0, sample_interval_ms=10000),
+        random32=XorShift32(9), ota_public_key=KEY, ota_fetch=IMAGES.get,
+        ota_crashes=lambda image: image == IMAGES["https://fw.example/crashes.bin"],
+        ota_valid=lambda image: image != IMAGES["https://fw.example/invalid.bin"], **kw)
+    d.outbox.on_transmit = lambda m: statuses.append(json.loads(m.payload)) if m.topic.endswith("/status") else None
+    d.sensor_kwh = 100.0
+    d.connect()
+    d.message("smartmeter/KE-9/command/balance", '{"balance": 20, "timestamp": 1}')
+    return d, statuses
+
+
+def test_ota_downloads_verifies_restarts_and_is_confirmed_by_an_acknowledged_report():
+    d, statuses = _device()
+    d.message("smartmeter/KE-9/command/ota", _ota("good"))
+    assert d.ota.state is OtaState.DOWNLOADING
+    assert statuses[-1]["otaState"] == "downloading" and statuses[-1]["cmdId"] == "ota-1"
+    d.advance(8000)
+    assert d.fw == "1.1.0" and d.ota.state is OtaState.PENDING
+    d.connect()
+    d.advance(31000)
+    assert d.ota.state is OtaState.VALID and d.platform.marked_valid == 1
+    assert "OTA 1.1.0: confirmed" in [s["message"] for s in statuses]
+    assert statuses[-1]["fw"] == "1.1.0"
+
+
+def test_ota_refuses_a_forged_signature_and_bytes_that_do_not_match():
+    d, statuses = _device()
+    d.message("smartmeter/KE-9/command/ota", _ota("forged", "https://fw.example/good.bin"))
+    assert d.ota.state is OtaState.FAILED and d.ota.error == "bad signature" and d.platform.fetches == 0
+    v = VECTORS["images"]["good"]
+    d.message("smartmeter/KE-9/command/ota", json.dumps({
+        "url": "https://fw.example/silent.bin", "version": v["version"], "sha256": v["sha256"],
+        "signature": v["signature"]}))
+    d.advance(6000)
+    assert d.ota.error == "sha256 mismatch" and d.fw == "1.0.0"
+    d.message("smartmeter/KE-9/command/ota", _ota("invalid"))
+    d.advance(6000)
+    assert d.ota.error == "image rejected: not a valid app image"
+
+
+def test_ota_an_image_that_crashes_rolls_back_and_is_not_tried_again():
+    restarts = []
+    d, statuses = _device(on_restart=lambda into, reason: restarts.append((into, reason)))
+    d.message("smartmeter/KE-9/command/ota", _ota("crashes"))
+    d.advance(8000)
+    assert restarts == [("1.2.0", "software"), ("1.2.0", "panic"), ("1.0.0", "software")]
+    assert d.fw == "1.0.0" and d.ota.state is OtaState.ROLLED_BACK
+    d.connect()
+    assert any(s.get("otaError") == "the new image crashed (panic)" and s["fw"] == "1.0.0" for s in statuses)
+    d.message("smartmeter/KE-9/command/ota", _ota("crashes", cmd_id="ota-2"))
+    assert statuses[-1]["message"] == "OTA 1.2.0 refused: this image rolled back before"
+
+
+def test_ota_an_image_without_an_acknowledged_report_rolls_back_after_the_confirmation_time():
+    d, _ = _device(ota_config=OtaConfig(confirm_timeout_ms=60000))
+    d.message("smartmeter/KE-9/command/ota", _ota("silent"))
+    d.advance(8000)
+    assert d.fw == "1.4.0"
+    d.advance(62000)  # never connects
+    assert d.fw == "1.0.0" and d.ota.state is OtaState.ROLLED_BACK
+    assert d.ota.error == "no acknowledged report within the confirmation time"
+
+
+def test_ota_a_power_cut_mid_download_fails_and_one_after_activation_boots_the_new_image():
+    d, _ = _device()
+    d.message("smartmeter/KE-9/command/ota", _ota("good"))
+    d.advance(2000)
+    d.power_cut()
+    assert d.ota.state is OtaState.FAILED and d.ota.error == "interrupted by a reboot"
+    d.message("smartmeter/KE-9/command/ota", _ota("good", cmd_id="ota-2"))
+    d.advance(5000)  # downloaded and activated, not yet restarted
+    d.power_cut()
+    assert d.fw == "1.1.0" and d.ota.state is OtaState.PENDING
+
+
+def test_commands_to_ota_decode_strictly():
+    cmd, why, _ = decode_ota_command(_ota("good"))
+    assert cmd is not None and cmd.version == "1.1.0"
+    assert decode_ota_command(_ota("good").replace("https://", "http://"))[1] == "bad url"
+    assert decode_ota_command(_ota("good").replace("https://", "http://"), require_https=False)[0] is not None
+    assert decode_ota_command('{"url": "https://x", "version": "a/b", "cmdId": "c"}')[1:] == ("bad version", "c")
+    assert base64_decode("TWE=") == b"Ma" and base64_decode("TWF=") is None and base64_decode("TW=E") is None
+
+
+def test_the_boot_loop_guard_counts_fast_reboots_and_safe_mode_holds_the_relay_open():
+    rtc = RetainedMemory()
+    cfg = BootGuardConfig(max_fast_boots=2, stable_after_ms=60000, safe_mode_ms=300000)
+    assert [BootGuard(rtc, cfg).begin() for _ in range(3)] == [False, False, True]
+    rtc.clear()  # a power cut: the count is gone
+    g = BootGuard(rtc, cfg)
+    assert not g.begin() and g.fast_boots == 1
+    g.loop(60000)
+    assert BootGuard(rtc, cfg).begin() is False
+
+    relays = []
+    d, statuses = _device(boot_guard=BootGuardConfig(max_fast_boots=2, stable_after_ms=60000, safe_mode_ms=120000),
+                          on_relay=relays.append)
+    for _ in range(3):
+        d.reboot("panic")
+    assert d.safe is not None and relays[-1] is False
+    d.connect()
+    assert statuses[-1]["safeMode"] is True and "balance" not in statuses[-1] and statuses[-1]["fastBoots"] == 4
+    d.message("smartmeter/KE-9/command/balance", '{"balance": 99, "timestamp": 1}')
+    assert not d.relay_closed
+    d.advance(121000)  # safe mode is over
+    assert d.safe is None and d.core.balance == 20
+
+
+def test_sim_device_storage_faults_keep_or_restart_the_register_history():
+    d, _ = _device()
+    reg_id = d.core.reg_id
+    d.reboot("task_wdt")
+    assert d.core.reg_id == reg_id
+    d.advance(31000)  # one report in the ring
+    d.wipe_nvs()
+    assert d.core.reg_id == reg_id  # resumed from the report ring
+    d.swap_board()
+    assert d.core.reg_id != reg_id and d.core.energy_total == 0
+    d.reset_sensor(0.0)
+    d.advance(11000)
+    assert d.core.energy_total == 0
+
+
+def test_commands_the_transport_could_not_queue_are_reported():
+    b = Bench()
+    b.core.on_connected()
+    b.core.commands_lost(3)
+    assert b.on("status")[-1]["status"] == "error"
+    assert b.on("status")[-1]["message"] == "Commands lost before the meter could read them: 3"
+
+
+def test_sim_device_can_start_from_a_known_register_history():
+    d = SimDevice(MeterConfig(meter_no="KE-10", status_interval_ms=0), random32=XorShift32(3))
+    d.load_state(reg_id="Known_01", energy_total=12.5, balance=7.25, next_seq=100, raw_kwh=3000.0)
+    assert (d.core.reg_id, d.core.energy_total, d.core.balance, d.core.next_seq) == ("Known_01", 12.5, 7.25, 100)
+    d.sensor_kwh = 3000.25  # used while it was down: billed from the saved register
+    d.advance(1000)
+    assert d.core.energy_total == 12.75
+    with pytest.raises(ValueError):
+        d.load_state(reg_id="bad/id", energy_total=0, balance=0, next_seq=0)

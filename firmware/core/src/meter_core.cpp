@@ -79,6 +79,33 @@ bool decodeState(const std::vector<uint8_t>& v, StateRecord& out) {
     return true;
 }
 
+std::vector<uint8_t> encodeRetained(const RetainedRecord& r) {
+    std::vector<uint8_t> b;
+    b.reserve(kRetainedRecordBytes);
+    b.push_back('R');
+    b.push_back(1);
+    std::vector<uint8_t> st = encodeState(r.state);
+    b.insert(b.end(), st.begin(), st.end());
+    b.push_back(static_cast<uint8_t>(r.relayOverride));
+    putLe(b, bitsOf(r.intervalUnits));
+    uint32_t crc = crc32(b.data(), b.size());
+    for (int i = 0; i < 4; ++i) b.push_back(static_cast<uint8_t>(crc >> (8 * i)));
+    return b;
+}
+
+bool decodeRetained(const std::vector<uint8_t>& v, RetainedRecord& out) {
+    if (v.size() != kRetainedRecordBytes || v[0] != 'R' || v[1] != 1) return false;
+    if (crc32(v.data(), kRetainedRecordBytes - 4) != getU32(v.data() + kRetainedRecordBytes - 4)) return false;
+    RetainedRecord r;
+    std::vector<uint8_t> st(v.begin() + 2, v.begin() + 2 + static_cast<long>(kStateRecordBytes));
+    if (!decodeState(st, r.state) || v[48] > 2) return false;
+    r.relayOverride = static_cast<RelayOverride>(v[48]);
+    r.intervalUnits = fromBits(getLe(v.data() + 49));
+    if (!std::isfinite(r.intervalUnits) || r.intervalUnits < 0 || r.intervalUnits > kMaxEnergyTotal) return false;
+    out = r;
+    return true;
+}
+
 MeterCore::MeterCore(const MeterConfig& cfg, Clock& clock, KvStore& kv, RecordLog& log, Relay& relay,
                      EnergySource& energy, Publisher& publisher, Random& random, std::string resetReason)
     : cfg_(cfg),
@@ -123,9 +150,15 @@ void MeterCore::restoreState(uint32_t t) {
     (void)t;
     std::vector<uint8_t> v;
     StateRecord st;
-    enum class From { Nothing, Nvs, Legacy } from = From::Nothing;
+    enum class From { Nothing, Retained, Nvs, Legacy } from = From::Nothing;
     bool unreadable = false;
-    if (kv_.get(kKeyState, v)) {
+    RetainedRecord kept;
+    if (retained_ != nullptr && retained_->load(v) && decodeRetained(v, kept)) {
+        // A soft reset: RAM that survived holds the state as it was a moment before, with the
+        // sensor register of the last reading, so not even the reset itself is forgiven.
+        st = kept.state;
+        from = From::Retained;
+    } else if (kv_.get(kKeyState, v)) {
         if (decodeState(v, st)) {
             from = From::Nvs;
         } else if (v.size() == 16) {
@@ -145,7 +178,19 @@ void MeterCore::restoreState(uint32_t t) {
                       newest.energyTotal <= kMaxEnergyTotal && std::isfinite(newest.remainingBalance);
     bool persist = false;
     bool fromLog = false;
-    if (from == From::Nvs) {
+    if (from == From::Retained) {
+        if (haveNewest && newest.regId == st.regId && newest.energyTotal > st.energyTotal) {
+            st.energyTotal = newest.energyTotal;  // cannot happen unless RAM lost a write
+            st.balance = newest.remainingBalance;
+            st.haveRaw = false;
+        } else {
+            intervalUnits_ = kept.intervalUnits;
+        }
+        override_ = kept.relayOverride;
+        // NVS is up to a persist interval behind: bring it level, so that the raw register
+        // chain of the next logged reports refers to this state.
+        persist = true;
+    } else if (from == From::Nvs) {
         // The register on the wire must never step backwards (the backend bills increases only):
         // a report newer than the state of the same history wins. The raw register at that report
         // is the stored one plus what was billed in between, when nothing broke the chain.
@@ -216,13 +261,20 @@ void MeterCore::restoreState(uint32_t t) {
 
     // The relay override is written at once on every change; the log's copy serves only when
     // NVS lost it too.
-    if (kv_.get(kKeyRelay, v) && v.size() == 1 && v[0] <= 2) override_ = static_cast<RelayOverride>(v[0]);
-    else if (!fromLog) override_ = RelayOverride::Auto;
+    if (from == From::Retained) {
+        // already set from the retained record
+    } else if (kv_.get(kKeyRelay, v) && v.size() == 1 && v[0] <= 2) {
+        override_ = static_cast<RelayOverride>(v[0]);
+    } else if (!fromLog) {
+        override_ = RelayOverride::Auto;
+    }
     if (persist) persistState();
+    else saveRetained();
 }
 
 void MeterCore::begin() {
     uint32_t t = now();
+    if (ota_ != nullptr) ota_->begin(cfg_.fwVersion, resetReason_, uptime_.total());
     restoreState(t);
     // Reserve a block: the stored value is always above every seq this boot can use, so a
     // reboot at any moment resumes above the last one sent (a gap, never a repeat), at the cost
@@ -254,13 +306,37 @@ void MeterCore::loop() {
         emitReport();
     }
     drainBuffer();
-    // Between reports the state is written at most once per persistIntervalMs (NVS is
-    // wear-levelled, but a write per sample would wear it out); every report writes it anyway
-    // (emitReport), so with the default intervals this only matters for long report intervals.
+    // NVS is written at most once per persistIntervalMs while energy is billed (plus payments,
+    // relay changes and new histories): a write per report would wear the NVS sectors out
+    // within a meter's life (README.md). What a power cut takes from RAM in between is
+    // recovered at boot: the ring's newest report is a witness of the register on the wire, and
+    // the saved sensor register bills the energy since.
     if (stateDirty_ && elapsedMs(t, lastPersistMs_) >= cfg_.persistIntervalMs) persistState();
     if (connected_ && cfg_.statusIntervalMs > 0 && elapsedMs(t, lastStatusMs_) >= cfg_.statusIntervalMs) {
         std::string c = condition();
         publishStatus(c, conditionMessage(c), "");
+    }
+    if (ota_ != nullptr) {
+        OtaManager::Action a = ota_->loop(uptime_.total());
+        publishOtaEvents();
+        // The state goes to flash before the restart into the new image (or back to the old
+        // one), so that neither forgives anything.
+        if (a == OtaManager::Action::Restart) {
+            persistState();
+            ota_->restartNow();
+        } else if (a == OtaManager::Action::Rollback) {
+            persistState();
+            ota_->rollbackNow();
+        }
+    }
+    if (retainedDirty_) saveRetained();
+}
+
+void MeterCore::publishOtaEvents() {
+    if (ota_ == nullptr || !connected_) return;  // kept until the next connect
+    OtaEvent e;
+    while (ota_->takeEvent(e)) {
+        publishStatus(e.error ? std::string("error") : std::string(condition()), e.message, e.cmdId);
     }
 }
 
@@ -283,12 +359,13 @@ void MeterCore::sample(uint32_t t) {
     uint64_t at = uptime_.total();
     if (!haveBaseline_) {
         // No register saved with the state (first boot, lost state): this reading is the
-        // baseline, and it is saved with the next state write.
+        // baseline. It is written at once (once per boot at most), so that a power cut before
+        // the next throttled write still bills from it.
         haveBaseline_ = true;
         baseline_ = kwh;
         baselineAtMs_ = at;
         baselineGapMs_ = 0;
-        stateDirty_ = true;
+        persistState();
         return;
     }
     double delta = kwh - baseline_;
@@ -312,9 +389,11 @@ void MeterCore::sample(uint32_t t) {
         intervalUnits_ += delta;
         balance_ -= delta;
         stateDirty_ = true;
+        retainedDirty_ = true;
     } else if (delta < 0) {
         rawChained_ = false;
         stateDirty_ = true;
+        retainedDirty_ = true;
     }
 }
 
@@ -330,9 +409,12 @@ void MeterCore::applyRelay() {
     bool on = !sensorFault_ && override_ != RelayOverride::Off &&
               (override_ == RelayOverride::On || balance_ > 0);
     if (!relayKnown_ || on != relayOn_) {
+        bool change = relayKnown_;
         relay_.set(on);
         relayOn_ = on;
         relayKnown_ = true;
+        // A relay that opened because the credit ran out must stay open after a power cut.
+        if (change && stateDirty_) persistState();
     }
 }
 
@@ -349,6 +431,11 @@ StatusInfo MeterCore::statusInfo(const std::string& status, const std::string& m
     s.resetReason = resetReason_;
     s.regId = regId_;
     s.unbilledKwh = unbilledKwh_;
+    if (ota_ != nullptr) {
+        s.otaState = otaStateName(ota_->state());
+        if (ota_->state() != OtaState::Idle) s.otaVersion = ota_->targetVersion();
+        if (ota_->state() == OtaState::Failed || ota_->state() == OtaState::RolledBack) s.otaError = ota_->error();
+    }
     s.cmdId = cmdId;
     return s;
 }
@@ -363,6 +450,11 @@ void MeterCore::publishStatus(const std::string& status, const std::string& mess
 // An event, not a condition: status "error" with the message, then (publishConditionIfChanged,
 // at once or in the next loop) the meter's actual condition again, which stays retained.
 void MeterCore::publishNotice(const std::string& message) { publishStatus("error", message, ""); }
+
+void MeterCore::commandsLost(uint32_t total) {
+    now();
+    publishNotice(std::string(kMsgCommandsLost) + std::to_string(total));
+}
 
 void MeterCore::publishConditionIfChanged() {
     std::string c = condition();
@@ -389,37 +481,106 @@ void MeterCore::emitReport() {
     r.energyTotal = energyTotal_;
     r.regId = regId_;
     intervalUnits_ = 0;
-    // "Never lose a kWh": the register this report carries is in flash before the report can
-    // leave, so after a power cut the meter resumes at or above every energyTotal it ever sent.
-    persistState();
-    // Straight to MQTT only when nothing older is waiting: reports leave oldest-first.
-    if (connected_ && log_.size() == 0 &&
-        publisher_.publish(topic("consumption"), encodeReport(cfg_.meterNo, r), 1, false) >= 0) {
-        return;
-    }
+    retainedDirty_ = true;
+    // The ring is the outbox: every report is in flash before it can leave, and leaves the ring
+    // only when the broker has acknowledged it (onPublished). Its record is also the witness of
+    // the register on the wire after a power cut.
     ReportMeta meta;
     meta.relayOverride = override_;
     meta.rawChained = rawChained_;
     std::vector<uint8_t> b = packReport(r, meta);
-    if (!b.empty()) log_.append(b.data(), b.size());
+    if (!b.empty() && log_.append(b.data(), b.size())) return;  // drainBuffer() sends it
+    // The ring refused it (flash fault): the state in NVS is then the only witness of this
+    // register, and the report goes out untracked, once.
+    persistState();
+    if (connected_) publisher_.publish(topic("consumption"), encodeReport(cfg_.meterNo, r), 1, false);
+}
+
+void MeterCore::expireInflight() {
+    // esp_mqtt deletes a message outboxExpiryMs after it was queued (only while connected, and
+    // without telling when MQTT_REPORT_DELETED_MESSAGES is off, the Arduino default); a PUBACK
+    // that comes later produces no event. One second later the report is due again.
+    const uint64_t now = uptime_.total();
+    const uint64_t limit = static_cast<uint64_t>(cfg_.outboxExpiryMs) + 1000;
+    inflight_.erase(std::remove_if(inflight_.begin(), inflight_.end(),
+                                   [&](const Inflight& f) { return now - f.sentAtMs > limit; }),
+                    inflight_.end());
 }
 
 void MeterCore::drainBuffer() {
     if (!connected_) return;
-    // A bounded batch per call keeps the esp_mqtt outbox (RAM) small after a long outage.
+    expireInflight();
     std::vector<uint8_t> rec;
-    for (uint32_t n = 0; n < cfg_.replayBatch && log_.size() > 0; ++n) {
+    uint32_t handed = 0;
+    size_t index = 0;
+    // Oldest first; a bounded batch per call, at most maxInflight awaiting their PUBACK and a
+    // bounded outbox, so that replaying a long outage never moves the ring into RAM.
+    while (handed < cfg_.replayBatch && inflight_.size() < cfg_.maxInflight &&
+           publisher_.outboxBytes() < cfg_.maxOutboxBytes) {
         uint32_t key;
-        if (!log_.peekAt(0, rec, key)) break;
+        if (!log_.peekAt(index, rec, key)) break;
+        bool sent = false;
+        for (const auto& f : inflight_) sent = sent || f.key == key;
+        if (sent) {
+            ++index;
+            continue;
+        }
         Report r;
         ReportMeta meta;
         if (!unpackReport(rec.data(), rec.size(), r, meta)) {
             log_.consume(key);  // not a report of ours: drop it rather than block the queue
             continue;
         }
-        if (publisher_.publish(topic("consumption"), encodeReport(cfg_.meterNo, r), 1, false) < 0) break;
-        log_.consume(key);
+        int id = publisher_.publish(topic("consumption"), encodeReport(cfg_.meterNo, r), 1, false);
+        if (id < 0) break;  // refused: it stays in the ring for the next loop()
+        ++handed;
+        if (id == 0) {
+            // A client that reports no message ids cannot tell us about PUBACKs: taken counts
+            // as delivered (the behaviour before the ring was the outbox).
+            log_.consume(key);
+            continue;
+        }
+        Inflight f{key, id, uptime_.total(), false};
+        for (auto& other : inflight_) {
+            if (other.msgId == id) {
+                // esp_mqtt draws message ids at random (MQTT_MSG_ID_INCREMENTAL is off): its
+                // PUBACK could be for either message, so neither leaves the ring on it; both are
+                // sent again after the expiry (a duplicate the backend absorbs, never a loss).
+                other.ambiguous = true;
+                f.ambiguous = true;
+            }
+        }
+        inflight_.push_back(f);
+        ++index;
     }
+}
+
+void MeterCore::onPublished(int msgId) {
+    now();
+    uint32_t key = 0;
+    bool found = false;
+    bool ambiguous = false;
+    for (const auto& f : inflight_) {
+        if (f.msgId != msgId) continue;
+        found = true;
+        key = f.key;
+        ambiguous = ambiguous || f.ambiguous;
+    }
+    if (!found || ambiguous) return;  // a status (QoS 0 has no PUBACK), or see drainBuffer()
+    log_.consume(key);
+    inflight_.erase(std::remove_if(inflight_.begin(), inflight_.end(), [&](const Inflight& f) { return f.key == key; }),
+                    inflight_.end());
+    if (ota_ != nullptr) {
+        ota_->onReportAcked(uptime_.total());  // a new image has proved it can report
+        publishOtaEvents();
+    }
+    drainBuffer();
+}
+
+void MeterCore::onPublishDropped(int msgId) {
+    now();
+    inflight_.erase(std::remove_if(inflight_.begin(), inflight_.end(), [&](const Inflight& f) { return f.msgId == msgId; }),
+                    inflight_.end());
 }
 
 void MeterCore::persistState() {
@@ -435,6 +596,23 @@ void MeterCore::persistState() {
     lastPersistMs_ = nowMs_;
     stateDirty_ = false;
     rawChained_ = haveBaseline_;
+    saveRetained();
+}
+
+void MeterCore::saveRetained() {
+    retainedDirty_ = false;
+    if (retained_ == nullptr) return;
+    RetainedRecord r;
+    r.state.regId = regId_;
+    r.state.energyTotal = energyTotal_;
+    r.state.balance = balance_;
+    r.state.haveRaw = haveBaseline_;
+    r.state.rawKwh = haveBaseline_ ? baseline_ : 0;
+    r.state.unbilledKwh = unbilledKwh_;
+    r.relayOverride = override_;
+    r.intervalUnits = intervalUnits_;
+    std::vector<uint8_t> b = encodeRetained(r);
+    retained_->store(b.data(), b.size());
 }
 
 void MeterCore::persistNow() {
@@ -445,14 +623,17 @@ void MeterCore::persistNow() {
 void MeterCore::onConnected() {
     now();
     connected_ = true;
-    // Buffered reports first, so a backend that recomputes the balance on "online" has seen
-    // them (a seed-only backend has no energyTotal to reconcile with).
+    // Reports handed over before the drop are resent by the client itself, unless they are
+    // older than the expiry, which the client deletes at its first pass (drainBuffer expires
+    // them here too). Buffered reports go first, so a backend that recomputes the balance on
+    // "online" has seen them (a seed-only backend has no energyTotal to reconcile with).
     drainBuffer();
     publishStatus("online", conditionMessage("online"), "");
     if (!pendingNotice_.empty()) {
         publishNotice(pendingNotice_);
         pendingNotice_.clear();
     }
+    publishOtaEvents();
     publishConditionIfChanged();
 }
 
@@ -479,6 +660,9 @@ void MeterCore::onMessage(const std::string& t, const std::string& payload) {
     } else if (t == topic("command/relay")) {
         RelayCommand cmd;
         if (decodeRelayCommand(payload, cmd)) applyRelayCommand(cmd);
+    } else if (t == topic("command/ota") && ota_ != nullptr) {
+        ota_->onCommand(payload, uptime_.total());
+        publishOtaEvents();
     }
 }
 
@@ -515,6 +699,7 @@ void MeterCore::applyRelayCommand(const RelayCommand& cmd) {
     // Persisted at once: a maintenance "off" must survive a reboot.
     const uint8_t b = static_cast<uint8_t>(override_);
     kv_.put(kKeyRelay, &b, 1);
+    saveRetained();
     applyRelay();
     std::string c = condition();
     publishStatus(c, std::string("Relay override: ") + relayOverrideName(override_), cmd.cmdId);

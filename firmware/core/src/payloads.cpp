@@ -12,6 +12,7 @@
 #endif
 
 #include "meter/numeric.h"
+#include "meter/ota.h"
 #include "meter/strict_json.h"
 
 namespace meter {
@@ -123,15 +124,22 @@ std::string encodeStatus(const std::string& meterNo, const StatusInfo& s) {
     addString(root.p, "meterNo", meterNo);
     addString(root.p, "status", s.status);
     addString(root.p, "message", s.message);
-    addNumber(root.p, "balance", round6(s.balance));
+    if (s.hasBalance) addNumber(root.p, "balance", round6(s.balance));
     addNumber(root.p, "wifi_rssi", s.wifiRssi);
     addU64(root.p, "timestamp", s.timestamp);
     addString(root.p, "relay", s.relayOn ? "on" : "off");
     addString(root.p, "fw", s.fw);
     addU64(root.p, "uptime", s.uptimeS);
     addString(root.p, "resetReason", s.resetReason);
-    addString(root.p, "regId", s.regId);
-    addNumber(root.p, "unbilledKwh", round6(s.unbilledKwh));
+    if (!s.regId.empty()) addString(root.p, "regId", s.regId);
+    if (s.hasBalance) addNumber(root.p, "unbilledKwh", round6(s.unbilledKwh));
+    if (!s.otaState.empty()) addString(root.p, "otaState", s.otaState);
+    if (!s.otaVersion.empty()) addString(root.p, "otaVersion", s.otaVersion);
+    if (!s.otaError.empty()) addString(root.p, "otaError", s.otaError);
+    if (s.safeMode) {
+        cJSON_AddItemToObject(root.p, "safeMode", cJSON_CreateTrue());
+        addNumber(root.p, "fastBoots", s.fastBoots);
+    }
     if (!s.cmdId.empty()) addString(root.p, "cmdId", s.cmdId);
     return print(root.p);
 }
@@ -254,6 +262,53 @@ bool unpackReport(const uint8_t* data, size_t len, Report& out, ReportMeta& meta
     uint64_t rid = getBytesLe(data + 45, 6);
     out.regId.assign(kOwnRegIdChars, 'A');
     for (size_t i = 0; i < kOwnRegIdChars; ++i) out.regId[i] = kRegIdAlphabet[(rid >> (6 * i)) & 63];
+    return true;
+}
+
+bool decodeOtaCommand(const std::string& payload, OtaCommand& out, std::string& error, bool requireHttps) {
+    out = OtaCommand();
+    Json root(parseCommand(payload));
+    if (!root.p) {
+        error = "not a JSON object";
+        return false;
+    }
+    out.cmdId = readCmdId(root.p);
+    auto text = [&](const char* key, std::string& value) {
+        const cJSON* v = cJSON_GetObjectItemCaseSensitive(root.p, key);
+        if (!cJSON_IsString(v) || v->valuestring == nullptr) return false;
+        value = v->valuestring;
+        return true;
+    };
+    std::string url, version, sha, sig;
+    bool urlOk = text("url", url) && !url.empty() && url.size() <= kMaxOtaUrlBytes &&
+                 (!requireHttps || url.compare(0, 8, "https://") == 0);
+    for (char c : url) urlOk = urlOk && static_cast<unsigned char>(c) > 0x20 && c != 0x7F;
+    if (!urlOk) {
+        error = "bad url";
+        return false;
+    }
+    if (!text("version", version) || !validFwVersion(version)) {
+        error = "bad version";
+        return false;
+    }
+    bool shaOk = text("sha256", sha) && sha.size() == 64;
+    for (char& c : sha) {
+        if (c >= 'A' && c <= 'F') c = static_cast<char>(c - 'A' + 'a');
+        shaOk = shaOk && ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'));
+    }
+    if (!shaOk) {
+        error = "bad sha256";
+        return false;
+    }
+    std::vector<uint8_t> der;
+    if (!text("signature", sig) || !base64Decode(sig, der) || der.size() < 8 || der.size() > kMaxSignatureBytes) {
+        error = "bad signature encoding";
+        return false;
+    }
+    out.url = url;
+    out.version = version;
+    out.sha256 = sha;
+    out.signature = der;
     return true;
 }
 

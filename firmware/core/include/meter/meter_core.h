@@ -12,6 +12,7 @@
 
 #include "meter/interfaces.h"
 #include "meter/numeric.h"
+#include "meter/ota.h"
 #include "meter/payloads.h"
 
 namespace meter {
@@ -25,7 +26,16 @@ struct MeterConfig {
     uint32_t persistIntervalMs = 60000;     // between reports: at most one state flash write per interval
     uint32_t statusIntervalMs = 300000;     // periodic status while connected; 0 = never
     uint32_t seqBlock = 64;                 // seq values reserved per flash write
-    uint32_t replayBatch = 20;              // buffered reports handed to MQTT per loop()
+    uint32_t replayBatch = 20;              // reports handed to MQTT per loop() at most
+    // The ring is the outbox: a report is handed to the client only while fewer than maxInflight
+    // reports await their PUBACK and the client's outbox holds less than maxOutboxBytes, so a
+    // long outage never moves the ring into RAM.
+    uint32_t maxInflight = 8;
+    uint32_t maxOutboxBytes = 4096;
+    // esp_mqtt deletes a message still unacknowledged this long after it was queued
+    // (OUTBOX_EXPIRED_TIMEOUT_MS), without an event unless MQTT_REPORT_DELETED_MESSAGES is set.
+    // A report whose PUBACK has not come after this plus one second is sent again from the ring.
+    uint32_t outboxExpiryMs = 30000;
     double lowBalanceThreshold = 1.0;       // kWh; at or below: status low_balance
     // The most the supply can deliver (80 A at 230 V). A sample's delta above ratedMaxKw x the
     // time since the previous reading is not billed: it is counted in unbilledKwh and reported,
@@ -55,7 +65,7 @@ constexpr const char* kKeyRelay = "relay";  // u8 RelayOverride
 // of a register that counts whole Wh can differ by one step more than the energy between them.
 constexpr double kRegisterStepKwh = 0.001;
 
-// The persisted state (NVS "state" and, after part B, the retained RAM copy), 46 bytes:
+// The persisted state (NVS "state", and inside the retained RAM record), 46 bytes:
 //   [0] version 2, [1] flags (bit 0: rawKwh valid), [2..9] regId (8 characters),
 //   [10..17] f64 energyTotal, [18..25] f64 balance, [26..33] f64 rawKwh (the sensor register
 //   at energyTotal), [34..41] f64 unbilledKwh, [42..45] CRC-32 of [0..41].
@@ -74,17 +84,37 @@ std::vector<uint8_t> encodeState(const StateRecord& s);
 // false for anything but a well-formed version 2 record with plausible values.
 bool decodeState(const std::vector<uint8_t>& v, StateRecord& out);
 
+// The copy in retained RAM (RTC memory), refreshed whenever the state changes, 61 bytes:
+//   [0] 'R', [1] version 1, [2..47] StateRecord, [48] relay override, [49..56] f64 energy billed
+//   since the last report (so that the next report's unitsConsumed still covers it),
+//   [57..60] CRC-32 of [0..56].
+constexpr size_t kRetainedRecordBytes = 61;
+struct RetainedRecord {
+    StateRecord state;
+    RelayOverride relayOverride = RelayOverride::Auto;
+    double intervalUnits = 0;
+};
+std::vector<uint8_t> encodeRetained(const RetainedRecord& r);
+bool decodeRetained(const std::vector<uint8_t>& v, RetainedRecord& out);
+
 // Status messages for events that are not a lasting condition (PROTOCOL-ext.md lists them).
 constexpr const char* kMsgRegIdMismatch = "Balance command for another register history: energyTotal not applied";
 constexpr const char* kMsgRegisterAhead = "Balance command energyTotal is ahead of this meter's register: not applied";
 constexpr const char* kMsgOverRated = "Energy register advanced faster than the rated power: excess not billed";
 constexpr const char* kMsgStateUnreadable = "Stored state unreadable: new register history";
 constexpr const char* kMsgStateFromLog = "Stored state missing or unreadable: resumed from the report log";
+constexpr const char* kMsgCommandsLost = "Commands lost before the meter could read them: ";
 
 class MeterCore {
 public:
     MeterCore(const MeterConfig& cfg, Clock& clock, KvStore& kv, RecordLog& log, Relay& relay,
               EnergySource& energy, Publisher& publisher, Random& random, std::string resetReason);
+
+    // Optional, before begin(): RAM that survives soft resets (RTC memory on the device).
+    void attachRetained(RetainedStore& retained) { retained_ = &retained; }
+    // Optional, before begin(): over-the-air updates (command/ota, status fields, confirmation
+    // of a new image by the first acknowledged report). begin() calls ota.begin().
+    void attachOta(OtaManager& ota) { ota_ = &ota; }
 
     // Restores the persisted state, reserves a block of seq numbers and sets the relay.
     void begin();
@@ -93,9 +123,17 @@ public:
 
     void onConnected();     // after CONNACK: replay the buffer, then status "online"
     void onDisconnected();
+    // MQTT_EVENT_PUBLISHED: the broker acknowledged message `msgId`; its report leaves the ring.
+    void onPublished(int msgId);
+    // MQTT_EVENT_DELETED (only with MQTT_REPORT_DELETED_MESSAGES): the client dropped `msgId`
+    // unacknowledged; its report is sent again. Without the event, outboxExpiryMs does the same.
+    void onPublishDropped(int msgId);
     void onMessage(const std::string& topic, const std::string& payload);
 
     void setWifiRssi(int rssi) { wifiRssi_ = rssi; }
+    // The glue could not queue `total` commands so far (its queue was full): the broker had them
+    // acknowledged, so they are not redelivered. An error status says so, with the count.
+    void commandsLost(uint32_t total);
     void persistNow();      // before an OTA update or a deliberate restart
 
     // The Last Will to configure before (re)connecting: status "offline", retained.
@@ -112,6 +150,8 @@ public:
     bool sensorFault() const { return sensorFault_; }
     bool connected() const { return connected_; }
     uint64_t nextSeq() const { return seqNext_; }
+    size_t inflight() const { return inflight_.size(); }  // reports awaiting their PUBACK
+    uint64_t uptimeMs() const { return uptime_.total(); }
     RelayOverride relayOverride() const { return override_; }
     const char* condition() const;
 
@@ -123,11 +163,14 @@ private:
     void publishConditionIfChanged();
     void publishStatus(const std::string& status, const std::string& message, const std::string& cmdId);
     void publishNotice(const std::string& message);
+    void publishOtaEvents();
     std::string drawRegId();
     void restoreState(uint32_t t);
     void emitReport();
     void drainBuffer();
+    void expireInflight();
     void persistState();
+    void saveRetained();
     uint64_t takeSeq();
     void applyBalanceCommand(const BalanceCommand& cmd);
     void applyRelayCommand(const RelayCommand& cmd);
@@ -141,6 +184,8 @@ private:
     EnergySource& energy_;
     Publisher& publisher_;
     Random& random_;
+    RetainedStore* retained_ = nullptr;
+    OtaManager* ota_ = nullptr;
     std::string resetReason_;
 
     UptimeCounter uptime_;
@@ -177,7 +222,18 @@ private:
     uint64_t seqCeiling_ = 0;
     uint32_t lastReportMs_ = 0;
     uint32_t lastPersistMs_ = 0;
-    bool stateDirty_ = false;
+    bool stateDirty_ = false;     // NVS is behind (written at most once per persistIntervalMs)
+    bool retainedDirty_ = false;  // retained RAM is behind (written at the end of loop())
+
+    // Reports handed to the client and not yet acknowledged (RAM only: the client's outbox is
+    // lost at a power cut too, and the ring still holds every one of them).
+    struct Inflight {
+        uint32_t key;        // the ring record
+        int msgId;
+        uint64_t sentAtMs;   // uptime
+        bool ambiguous;      // another message got the same id (esp_mqtt draws ids at random)
+    };
+    std::vector<Inflight> inflight_;
 
     // An event to publish as a status once connected (stored state lost or unreadable).
     std::string pendingNotice_;

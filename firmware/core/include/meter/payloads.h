@@ -44,6 +44,7 @@ struct ReportMeta {
 struct StatusInfo {
     std::string status;   // online | low_balance | error | offline
     std::string message;
+    bool hasBalance = true;  // false in safe mode: the stored state is not read
     double balance = 0;
     int wifiRssi = 0;
     uint64_t timestamp = 0;
@@ -51,8 +52,13 @@ struct StatusInfo {
     std::string fw;
     uint64_t uptimeS = 0;
     std::string resetReason;
-    std::string regId;
+    std::string regId;       // empty: not sent (safe mode)
     double unbilledKwh = 0;  // energy beyond the rated power, measured but not billed
+    std::string otaState;    // empty: not sent
+    std::string otaVersion;  // empty: not sent
+    std::string otaError;    // empty: not sent
+    bool safeMode = false;
+    uint32_t fastBoots = 0;  // sent with safeMode
     std::string cmdId;       // empty: not sent
 };
 

@@ -1,0 +1,3 @@
+#pragma once
+extern "C" void bootloader_random_enable(void);
+extern "C" void bootloader_random_disable(void);
