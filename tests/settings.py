@@ -23,3 +23,8 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast has
 # start are given the test database's name explicitly.
 if DATABASES["default"]["ENGINE"].endswith("postgresql"):  # noqa: F405
     DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}  # noqa: F405
+
+# The same for the Channels layer on a shared Redis: live events of another process (a benchmark,
+# another run) never reach this run's groups. Subprocesses the tests start inherit the name.
+os.environ.setdefault("TEST_CHANNEL_PREFIX", f"test{os.getpid()}")
+CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = os.environ["TEST_CHANNEL_PREFIX"]  # noqa: F405

@@ -16,9 +16,12 @@ consumption is the register range [floor, high], and accounting is order-indepen
 - a new regId opens a new history ("register reset", shown to staff), whose first report debits
   its units; a late report of an older history is accounted within that history and never moves
   the current one.
-Without a regId a reset can only be suspected: a register far below the range (newer seq or
-time, or a gap no real consumption explains) opens a provisional history for staff to confirm
-or merge back (meters.consumption.registers).
+Without a regId a reset can only be suspected: a register far below the range (by a gap no
+late report explains), a register or seq lower than the newest accounted one at a later time on
+the meter's clock, or an identity that comes again with different content opens a provisional
+history for staff to confirm or merge back (meters.consumption.registers). A restarted register
+whose report lies inside the range already accounted cannot be told from a stale replay: it is
+not charged again (the span was charged once).
 
 The physical bound. No report debits more than the meter could have drawn since the previous
 accounted report of its history: rated power × the time between them (both on the meter's
@@ -100,10 +103,6 @@ class MeterState:
     seen: dict[str, tuple[Decimal, Decimal]] = field(default_factory=dict)
     # What staff must see, in order: (StatusKind, message).
     notices: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def held_kwh(self) -> Decimal:
-        return self.current.held + sum((h.held for h in self.others.values()), ZERO)
 
 
 @dataclass(frozen=True)
