@@ -32,7 +32,7 @@ REPORTS = int(os.environ.get("BENCH_REPORTS", "200000"))
 LATENCY_REPORTS = int(os.environ.get("BENCH_LATENCY_REPORTS", "10000"))
 NAIVE_REPORTS = int(os.environ.get("BENCH_NAIVE_REPORTS", "20000"))
 BATCH_SIZE = os.environ.get("BENCH_BATCH_SIZE", "")
-DB_NAME = "bench_ingest"
+DB_NAME = os.environ.get("BENCH_DB_NAME", "bench_ingest")
 
 
 def _database_urls() -> tuple[str, str]:
