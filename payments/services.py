@@ -492,7 +492,8 @@ def _apply_stk_result_locked(payment: Payment, result: StkResult) -> str:
     receipt = result.receipt
     holder = Payment.objects.select_for_update().filter(mpesa_receipt=receipt).exclude(pk=payment.pk).first()
     if payment.mpesa_receipt == receipt:
-        return "duplicate: already credited"
+        return "duplicate: already credited" if payment.status == PaymentStatus.SUCCEEDED else (
+            f"duplicate: receipt already recorded ({payment.status})")
     if holder is not None:
         return _receipt_held_elsewhere(payment, holder, receipt)
     if payment.mpesa_receipt is not None:
