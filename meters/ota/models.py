@@ -152,7 +152,8 @@ class RolloutTarget(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.meter_id} in rollout {self.rollout_id}: {self.state}"
+        meter = self.meter.meter_no if RolloutTarget.meter.is_cached(self) else f"meter {self.meter_id}"
+        return f"{meter}: {self.get_state_display()}"
 
 
 class RolloutEvent(models.Model):

@@ -17,6 +17,7 @@ from meters.ota import selectors
 from meters.ota import services as ota
 from meters.ota.models import FirmwareRelease, Rollout, RolloutState, RolloutTarget, TargetState
 from meters.reports import StatusUpdate
+from meters.tasks import ota_rollouts_tick
 from mqtt_worker.publisher import _payload
 from tests.ota.conftest import TEST_PUBLIC_KEY_HEX, image_for, signed
 
@@ -361,7 +362,7 @@ def test_a_rollout_completes_when_the_whole_fleet_has_had_its_turn(ota_settings,
     ota.rollout_advance(rollout_id=rollout.pk, actor="sam", percent=100)
     for t in RolloutTarget.objects.filter(rollout=rollout, stage=1):
         update_ok(rollout, t.meter.meter_no)
-    assert ota.rollouts_tick() == {rollout.pk: RolloutState.COMPLETED}
+    assert ota_rollouts_tick() == {str(rollout.pk): RolloutState.COMPLETED}  # the beat task
     rollout.refresh_from_db()
     assert rollout.is_open is False and rollout.finished_at is not None
     assert set(Meter.objects.values_list("firmware", flat=True)) == {"1.1.0"}
