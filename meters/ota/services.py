@@ -396,14 +396,22 @@ def _failure_share(rollout: Rollout) -> tuple[int, int]:
     return failed, commanded
 
 
+def _lock_open_rollout(rollout_id: int) -> Rollout | None:
+    """The open rollout's row, locked; None when another run holds it (or it closed)."""
+    return (
+        Rollout.objects.select_for_update(skip_locked=True, of=("self",)).select_related("release")
+        .defer("release__image").filter(pk=rollout_id, is_open=True).first()
+    )
+
+
 def _tick_one(rollout_id: int, now: datetime) -> str:
+    # Two transactions: the timeouts write only target rows, the rest only waiting targets and
+    # new commands (which take key-share locks on meter rows). The status ingest locks meter
+    # rows, then target rows; doing both here in one transaction could wait on it in the other
+    # order (a deadlock).
     with transaction.atomic():
-        try:
-            rollout = (
-                Rollout.objects.select_for_update(skip_locked=True, of=("self",)).select_related("release")
-                .defer("release__image").get(pk=rollout_id, is_open=True)
-            )
-        except Rollout.DoesNotExist:
+        rollout = _lock_open_rollout(rollout_id)
+        if rollout is None:
             return "busy"  # another run holds it, or it closed meanwhile
         silent = []
         for target in rollout.targets.filter(state__in=IN_FLIGHT_STATES).only("id", "commanded_at", "progress_at"):
@@ -415,6 +423,10 @@ def _tick_one(rollout_id: int, now: datetime) -> str:
                 state=TargetState.TIMED_OUT, finished_at=now,
                 error=f"nothing heard about the update for {rollout.silence_timeout_s} s",
             )
+    with transaction.atomic():
+        rollout = _lock_open_rollout(rollout_id)
+        if rollout is None:
+            return "busy"
         if rollout.state != RolloutState.RUNNING:
             return rollout.state
         failed, commanded = _failure_share(rollout)
