@@ -3,7 +3,6 @@ signed with it by the project's own signing script, OTA settings, and provisione
 
 import importlib.util
 import json
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -77,6 +76,3 @@ def fleet(db, tariff):
     Meter.objects.filter(id__in=[m.pk for m in meters]).update(online=True, firmware="1.0.0", ota_state="idle")
     return [m.meter_no for m in meters]
 
-
-def credit(meter_no: str) -> None:
-    services.ledger_credit(meter_no=meter_no, units_kwh=Decimal("10"), idempotency_key=f"open:{meter_no}", actor="test")
