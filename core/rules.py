@@ -97,3 +97,32 @@ def parse_mqtt_url(url: str) -> MqttUrl:
         password=unquote(parts.password) if parts.password else None,
         tls=tls,
     )
+
+
+# --- firmware updates (OTA, firmware/PROTOCOL-ext.md "OTA ext") ----------------------------------
+
+# A firmware version as the meter reports it in `fw` and the OTA command names it.
+FW_VERSION_PATTERN = r"[A-Za-z0-9._+-]{1,31}"
+FW_VERSION = re.compile(rf"^{FW_VERSION_PATTERN}$")
+FW_VERSION_HELP = "1-31 of A-Z a-z 0-9 . _ + -"
+# What a meter's status says about its last update (`otaState`).
+OTA_STATES = ("idle", "downloading", "verifying", "rebooting", "pending", "valid", "failed", "rolledback")
+# The command's `url`: https (the meter refuses anything else), at most this many bytes, no
+# spaces or control characters. Its `signature`: base64 of a DER ECDSA P-256 signature.
+OTA_URL_MAX_BYTES = 256
+OTA_SIGNATURE_MAX_BYTES = 72
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def valid_fw_version(value: object) -> bool:
+    return isinstance(value, str) and FW_VERSION.fullmatch(value) is not None
+
+
+def ota_manifest(version: str, sha256_hex: str) -> bytes:
+    """The bytes a release signature covers (PROTOCOL-ext.md): the same text the firmware and
+    firmware/tools/sign_firmware.py build."""
+    if not valid_fw_version(version):
+        raise ValueError(f"version must be {FW_VERSION_HELP}")
+    if not isinstance(sha256_hex, str) or not SHA256_HEX.fullmatch(sha256_hex):
+        raise ValueError("sha256 must be 64 lowercase hex digits")
+    return f"smartmeter-fw\n{version}\n{sha256_hex}\n".encode("ascii")

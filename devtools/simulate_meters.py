@@ -5,13 +5,17 @@
         --provision --credit 50 --drop-rate 0.02 --duplicate-rate 0.05 --garbage-rate 0.01 --duration 120
 
 Each meter runs the Python port of the firmware core (devtools/sim/meter_core.py); see
-devtools/sim/fleet.py for the design, the load model and the faults. Meters that the database
+devtools/sim/fleet.py for the design, the load model and the faults. With OTA_PUBLIC_KEY set
+(or --ota) the meters also take firmware updates (command/ota) signed with that key, fetching
+images over http only when OTA_ALLOW_HTTP is True (`make run`: the web process, plain HTTP);
+--ota-fail-boot / --ota-fail-rate make some of them fail to boot a new image (they roll back). Meters that the database
 already knows resume from the register and seq the backend last accounted (as if their flash had
 survived the simulator's restart), so `make run` can be restarted without the register on the
 wire going backwards. Unknown meters are simulated anyway (the worker dead-letters their reports)
 unless `--provision` creates them.
 """
 
+import argparse
 import json
 import math
 import os
@@ -23,10 +27,11 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from core.errors import DomainError, NotFound
-from core.rules import METER_NO_HELP, valid_meter_no
-from devtools.sim.fleet import Broker, Fleet, FleetOptions, Resume
+from core.rules import METER_NO_HELP, valid_fw_version, valid_meter_no
+from devtools.sim.fleet import Broker, Fleet, FleetOptions, OtaOptions, Resume
 from meters import selectors, services
-from meters.models import Tariff
+from meters.models import Meter, Tariff
+from meters.ota.signing import public_key_point
 
 # The next boot of a real meter resumes one reserved block above the last seq it stored.
 SEQ_BLOCK = 64
@@ -73,6 +78,13 @@ class Command(BaseCommand):
                             help="per meter: the PZEM energy register resets to 0")
         faults.add_argument("--garbage-rate", type=float, default=0.0,
                             help="per meter: a malformed payload on one of its report topics")
+        ota = parser.add_argument_group("firmware updates (command/ota)")
+        ota.add_argument("--ota", action=argparse.BooleanOptionalAction, default=None,
+                         help="meters take OTA updates signed with OTA_PUBLIC_KEY (default: when it is set)")
+        ota.add_argument("--ota-fail-boot", default="",
+                         help="comma-separated meters whose new image panics at boot (they roll back)")
+        ota.add_argument("--ota-fail-rate", type=float, default=0.0,
+                         help="or: each meter's new image panics at boot with this probability (per image, --seed)")
 
     def handle(self, *args, **options):
         for name in ("interval", "speed", "duration", "progress"):
@@ -110,6 +122,10 @@ class Command(BaseCommand):
             duplicate_rate=options["duplicate_rate"], register_reset_rate=options["register_reset_rate"],
             garbage_rate=options["garbage_rate"], seed=options["seed"],
             client_id_prefix=options["client_id_prefix"] or f"sim-{os.getpid()}", resume=resume,
+            ota=self._ota(options),
+            # A restarted simulator's meters still run the firmware they last reported.
+            firmware={m: v for m, v in Meter.objects.filter(meter_no__in=meter_nos).values_list("meter_no", "firmware")
+                      if valid_fw_version(v)},
         )
         try:
             fleet = Fleet(fleet_options)
@@ -183,6 +199,23 @@ class Command(BaseCommand):
                 raise CommandError(f"{meter_no}: {error.message}") from None
             created += 1
         self.stdout.write(f"[sim] provisioned {created} meter(s) on tariff {tariff.name}")
+
+    def _ota(self, options) -> OtaOptions | None:
+        if options["ota"] is False or (options["ota"] is None and not settings.OTA_PUBLIC_KEY):
+            if options["ota_fail_boot"] or options["ota_fail_rate"]:
+                raise CommandError("--ota-fail-boot and --ota-fail-rate need OTA (OTA_PUBLIC_KEY)")
+            return None
+        if not settings.OTA_PUBLIC_KEY:
+            raise CommandError("--ota needs OTA_PUBLIC_KEY (the key the meters' firmware trusts)")
+        try:
+            key = public_key_point(settings.OTA_PUBLIC_KEY)
+        except DomainError as error:
+            raise CommandError(error.message) from None
+        if not 0 <= options["ota_fail_rate"] <= 1:
+            raise CommandError("--ota-fail-rate is a probability between 0 and 1")
+        fail = {m.strip() for m in options["ota_fail_boot"].split(",") if m.strip()}
+        return OtaOptions(public_key=key, ca_file=settings.MQTT_CA_FILE, require_https=not settings.OTA_ALLOW_HTTP,
+                          fail_boot_meters=fail, fail_boot_rate=options["ota_fail_rate"])
 
     def _resume(self, meter_nos: list[str]) -> dict[str, Resume]:
         resume = {}

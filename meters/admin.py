@@ -27,6 +27,7 @@ from meters.models import (
     StatusEvent,
     Tariff,
 )
+from meters.ota import admin as ota_admin  # noqa: F401  (firmware releases and rollouts)
 from meters.phone import normalize_phone
 
 
@@ -193,7 +194,7 @@ class RecentReadingInline(admin.TabularInline):
 class MeterAdmin(admin.ModelAdmin):
     list_display = [
         "meter_no", "owner", "balance_kwh", "online", "relay_state", "relay_override", "last_seen_at", "reg_id",
-        "energy_held_kwh", "anomaly",
+        "energy_held_kwh", "anomaly", "firmware", "ota_state",
     ]
     list_filter = [ArrearsFilter, HeldFilter, "online", "relay_state", "relay_override", "tariff"]
     search_fields = ["meter_no", "owner__name", "owner__phone"]
@@ -201,7 +202,7 @@ class MeterAdmin(admin.ModelAdmin):
     readonly_fields = [
         "balance_kwh", "reg_id", "last_energy_total_kwh", "energy_floor_kwh", "last_energy_seq", "energy_suspect_kwh",
         "energy_held_kwh", "last_reported_balance_kwh", "last_seen_at", "online", "relay_state", "relay_override",
-        "last_resync_at", "anomaly", "created_at",
+        "last_resync_at", "anomaly", "created_at", "firmware", "ota_state", "ota_version",
     ]
     inlines = [RecentReadingInline]
     actions = ["adjust_balance", "push_balance", "release_held_energy", "dismiss_held_energy"]

@@ -125,6 +125,11 @@ class Meter(models.Model):
         max_length=200, blank=True, help_text="Set when a report looks wrong (e.g. register went backwards)"
     )
     last_resync_at = models.DateTimeField(null=True, blank=True)
+    # What the meter's latest status said about its firmware (`fw`) and its last update
+    # (`otaState`, `otaVersion`; firmware/PROTOCOL-ext.md), written by meters.consumption.
+    firmware = models.CharField(max_length=32, blank=True)
+    ota_state = models.CharField(max_length=16, blank=True)
+    ota_version = models.CharField(max_length=32, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -318,6 +323,7 @@ class StatusEvent(models.Model):
 class CommandKind(models.TextChoices):
     BALANCE = "balance", "Balance"
     RELAY = "relay", "Relay"
+    OTA = "ota", "Firmware update"
 
 
 class CommandStatus(models.TextChoices):
@@ -342,6 +348,10 @@ class MeterCommand(models.Model):
     # The register history energy_total_kwh belongs to (a regId the meter reported, else "").
     reg_id = models.CharField(max_length=16, blank=True)
     relay_state = models.CharField(max_length=8, blank=True)
+    # OTA command: the release it installs (meters.ota).
+    release = models.ForeignKey(  # not indexed: nothing looks commands up by release
+        "meters.FirmwareRelease", on_delete=models.PROTECT, null=True, blank=True, related_name="commands", db_index=False
+    )
     issued_at = models.DateTimeField(default=timezone.now)
     payload = models.TextField(blank=True, help_text="The exact JSON published")
     status = models.CharField(max_length=16, choices=CommandStatus.choices, default=CommandStatus.QUEUED)
@@ -360,7 +370,8 @@ class MeterCommand(models.Model):
         constraints = [
             models.CheckConstraint(
                 condition=Q(kind="relay", relay_state__in=["on", "off", "auto"])
-                | Q(kind="balance", balance_kwh__isnull=False),
+                | Q(kind="balance", balance_kwh__isnull=False)
+                | Q(kind="ota", release__isnull=False),
                 name="command_fields_match_kind",
             ),
         ]
@@ -388,3 +399,7 @@ class FirebaseMirror(models.Model):
 
     def __str__(self) -> str:
         return f"{self.meter_id} v{self.version} (synced v{self.synced_version})"
+
+
+# Firmware releases and rollouts (meters.ota) are models of this app, defined in their module.
+from meters.ota.models import FirmwareRelease, Rollout, RolloutEvent, RolloutTarget  # noqa: E402, F401

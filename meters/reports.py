@@ -58,6 +58,12 @@ class StatusUpdate:
     uptime_s: int | None = None
     reset_reason: str = ""
     reg_id: str | None = None
+    # OTA (firmware/PROTOCOL-ext.md): the last update's state and version, its error, and the
+    # cmdId a status about an update echoes ("" when the meter sends none).
+    ota_state: str = ""
+    ota_version: str = ""
+    ota_error: str = ""
+    cmd_id: str = ""
     raw_payload: str = field(default="", compare=False, repr=False)
 
 

@@ -12,24 +12,31 @@ binary double. Commands are written the other way: Decimal → JSON number text,
 
 from __future__ import annotations
 
+import base64
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
 import orjson
 
 from core.rules import (
+    FW_VERSION_HELP,
     KWH_QUANTUM,
     MAX_PAYLOAD_BYTES,
     MAX_TIMESTAMP_MS,
     MAX_WIRE_INT,
     MAX_WIRE_KWH,
+    OTA_SIGNATURE_MAX_BYTES,
+    OTA_STATES,
+    OTA_URL_MAX_BYTES,
     REG_ID,
+    SHA256_HEX,
+    valid_fw_version,
     valid_meter_no,
 )
 from meters.reports import BalanceReport, ConsumptionReport, Report, StatusUpdate
 
 TOPIC_PREFIX = "smartmeter"
 REPORT_KINDS = ("consumption", "status", "balance")
-COMMAND_KINDS = ("balance", "relay")
+COMMAND_KINDS = ("balance", "relay", "ota")  # ota: firmware/PROTOCOL-ext.md
 STATUSES = ("online", "offline", "low_balance", "error")
 RELAY_REPORTED = ("on", "off")
 RELAY_COMMANDS = ("on", "off", "auto")
@@ -81,7 +88,7 @@ def parse_topic(topic: str) -> tuple[str, str]:
 
 
 def parse_command_topic(topic: str) -> tuple[str, str]:
-    """`smartmeter/{meterNo}/command/{balance|relay}` → (meterNo, kind)."""
+    """`smartmeter/{meterNo}/command/{balance|relay|ota}` → (meterNo, kind)."""
     parts = topic.split("/")
     if len(parts) != 4 or parts[0] != TOPIC_PREFIX or parts[2] != "command" or parts[3] not in COMMAND_KINDS:
         raise CodecError(f"not a command topic: {topic!r}")
@@ -205,6 +212,10 @@ def decode(topic: str, payload: bytes) -> Report:
             uptime_s=_integer(data, "uptime", required=False),
             reset_reason=_string(data, "resetReason", max_length=32),
             reg_id=_reg_id(data),
+            ota_state=_string(data, "otaState", max_length=16, choices=OTA_STATES),
+            ota_version=_string(data, "otaVersion", max_length=32),
+            ota_error=_string(data, "otaError", max_length=255),
+            cmd_id=_string(data, "cmdId", max_length=64),
             raw_payload=payload.decode(),
         )
     return BalanceReport(
@@ -261,6 +272,33 @@ def encode_relay_command(*, state: str, timestamp_ms: int, cmd_id: str | None = 
     if cmd_id:
         parts.append(f'"cmdId":{_json_str(cmd_id)}')
     parts.append(f'"timestamp":{int(timestamp_ms)}')
+    return ("{" + ",".join(parts) + "}").encode()
+
+
+def encode_ota_command(*, url: str, version: str, sha256: str, signature: str, cmd_id: str | None = None) -> bytes:
+    """`{"url", "version", "sha256", "signature", "cmdId"}` (firmware/PROTOCOL-ext.md): checked
+    here against the rules the meter applies, so that a command the meter would reject as
+    malformed is never published. `http://` passes here for simulators and tests only: a real
+    meter refuses it (the backend sends it only with OTA_ALLOW_HTTP, meters.ota)."""
+    if (
+        not isinstance(url, str) or not url.startswith(("https://", "http://"))
+        or len(url.encode()) > OTA_URL_MAX_BYTES or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url)
+    ):
+        raise CodecError(f"OTA url must be http(s), at most {OTA_URL_MAX_BYTES} bytes, no spaces: {str(url)[:60]!r}")
+    if not valid_fw_version(version):
+        raise CodecError(f"OTA version must be {FW_VERSION_HELP}, got {str(version)[:40]!r}")
+    if not isinstance(sha256, str) or not SHA256_HEX.fullmatch(sha256):
+        raise CodecError("OTA sha256 must be 64 lowercase hex digits")
+    try:
+        der = base64.b64decode(signature, validate=True) if isinstance(signature, str) else b""
+    except ValueError:
+        der = b""
+    if not (8 <= len(der) <= OTA_SIGNATURE_MAX_BYTES) or base64.b64encode(der).decode() != signature:
+        raise CodecError("OTA signature must be standard padded base64 of a DER signature")
+    parts = [f'"url":{_json_str(url)}', f'"version":{_json_str(version)}', f'"sha256":{_json_str(sha256)}',
+             f'"signature":{_json_str(signature)}']
+    if cmd_id:
+        parts.append(f'"cmdId":{_json_str(cmd_id)}')
     return ("{" + ",".join(parts) + "}").encode()
 
 

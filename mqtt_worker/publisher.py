@@ -23,10 +23,12 @@ from django.utils import timezone
 from paho.mqtt.enums import CallbackAPIVersion
 
 from meters.models import CommandKind, MeterCommand
+from meters.ota.selectors import release_for_command
+from meters.ota.services import release_image_url
 from meters.selectors import meter_commands_pending
 from meters.services import meter_commands_claim, meter_commands_mark_sent
 from mqtt_worker.client import configure_client, tune_socket
-from mqtt_worker.codec import command_topic, encode_balance_command, encode_relay_command
+from mqtt_worker.codec import command_topic, encode_balance_command, encode_ota_command, encode_relay_command
 
 logger = logging.getLogger("mqtt_worker.publisher")
 
@@ -89,6 +91,12 @@ def _payload(command: MeterCommand) -> bytes:
             reg_id=command.reg_id or None,
             cmd_id=command.cmd_id,
             reason=command.reason,
+        )
+    if command.kind == CommandKind.OTA:
+        release = release_for_command(release_id=command.release_id)
+        return encode_ota_command(
+            url=release_image_url(release), version=release.version, sha256=release.sha256,
+            signature=release.signature, cmd_id=command.cmd_id,
         )
     return encode_relay_command(
         state=command.relay_state, timestamp_ms=timestamp_ms, cmd_id=command.cmd_id, reason=command.reason

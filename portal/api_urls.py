@@ -1,6 +1,6 @@
 """/api/v1/: the REST API for the mobile app and the utility's tools. The paths are a contract."""
 
-from django.urls import path, register_converter
+from django.urls import include, path, register_converter
 
 from core.rules import METER_NO_PATTERN
 from meters import api as meters_api
@@ -38,4 +38,5 @@ urlpatterns = [
     path("payments/", payments_api.PaymentListView.as_view(), name="api-payments"),
     path("payments/<int:id>/", payments_api.PaymentDetailView.as_view(), name="api-payment"),
     path("dead-letters/", mqtt_api.DeadLetterListView.as_view(), name="api-dead-letters"),
+    path("firmware/", include("meters.ota.api_urls")),  # OTA releases and rollouts (meters.ota.api)
 ]

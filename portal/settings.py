@@ -167,6 +167,34 @@ MPESA_CALLBACK_SWEEP_AFTER_S = env_int("MPESA_CALLBACK_SWEEP_AFTER_S", 60, minim
 FIREBASE_CREDENTIALS = env_str("FIREBASE_CREDENTIALS", " ").strip() or None
 FIREBASE_DATABASE_URL = env_str("FIREBASE_DATABASE_URL", " ").strip() or None
 
+# --- Firmware updates over the air (meters.ota; README "Firmware updates (OTA)") ---
+# The release key's public half: the 65-byte uncompressed P-256 point in hex, as
+# `python firmware/tools/sign_firmware.py keygen` prints it. Empty: no release can be checked,
+# so none can be uploaded or rolled out.
+OTA_PUBLIC_KEY = env_str("OTA_PUBLIC_KEY", " ").strip()
+# Where meters fetch images: this site's public base URL (the web process serves
+# /firmware/images/…). Meters accept https only, with a certificate the broker's CA signed;
+# OTA_ALLOW_HTTP=True lets rollouts send http:// URLs (the simulator and tests only).
+OTA_IMAGE_BASE_URL = env_str("OTA_IMAGE_BASE_URL", "http://127.0.0.1:8000").rstrip("/")
+if not OTA_IMAGE_BASE_URL.startswith(("https://", "http://")):
+    raise ImproperlyConfigured("OTA_IMAGE_BASE_URL must start with https:// (or http:// with OTA_ALLOW_HTTP)")
+OTA_ALLOW_HTTP = env_bool("OTA_ALLOW_HTTP", False)
+# A rollout pauses itself when more than this percent of the meters sent the update fail to
+# come back (failed, rolled back, or silent for OTA_SILENCE_TIMEOUT_S after the command or
+# their last progress); staff then resume or abort. Defaults for new rollouts.
+OTA_PAUSE_FAILURE_PERCENT = env_int("OTA_PAUSE_FAILURE_PERCENT", 20, minimum=0)
+if OTA_PAUSE_FAILURE_PERCENT > 100:
+    raise ImproperlyConfigured("OTA_PAUSE_FAILURE_PERCENT is a percentage (0-100)")
+OTA_SILENCE_TIMEOUT_S = env_int("OTA_SILENCE_TIMEOUT_S", 1800, minimum=60)
+OTA_MAX_IN_FLIGHT = env_int("OTA_MAX_IN_FLIGHT", 50, minimum=1)
+# How often celery beat checks running rollouts (timeouts, the pause rule, the next meters).
+OTA_CHECK_INTERVAL_S = env_int("OTA_CHECK_INTERVAL_S", 30, minimum=1)
+CELERY_BEAT_SCHEDULE["ota-rollouts-tick"] = {
+    "task": "meters.tasks.ota_rollouts_tick", "schedule": float(OTA_CHECK_INTERVAL_S),
+    "options": {"expires": max(OTA_CHECK_INTERVAL_S * 2, 10)},
+}
+# --- end of firmware updates ---
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

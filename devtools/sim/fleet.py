@@ -26,10 +26,28 @@ Faults (rates are probabilities per meter, or per connection for drops, per repo
 - register reset: the PZEM's own energy register restarts from 0; the core ignores the
   negative delta and re-baselines (the meter's energyTotal never goes back, its regId stays).
 - garbage: a malformed payload on one of the meter's report topics (the worker dead-letters it).
+
+Firmware updates (FleetOptions.ota, firmware/PROTOCOL-ext.md "OTA ext")
+- Meters subscribe to `command/ota` too and run the port's OtaManager on a SimOtaPlatform: the
+  signature is checked with `OtaOptions.public_key` before the download; the image comes from
+  `OtaOptions.fetch(url)` (default: an HTTP(S) GET) after `fetch_ms` simulated; its sha256 must
+  match; the meter restarts into it (its `fw` becomes the command's version) and confirms it
+  with the first report the broker acknowledges after connecting, as the firmware does.
+- A meter in `fail_boot_meters` (read when it boots a new image), or one drawn with
+  `fail_boot_rate` (per meter and image, from the fleet's seed), has a new image that panics
+  right after boot: the next boot rolls back to the old image, which reports `rolledback`.
+- A reboot publishes the meter's will (`offline`) first, as the broker would when the device's
+  connection drops, then the new boot's `online`.
+- These meters use the firmware's transport mode: a report leaves the ring only on its PUBACK
+  (paho's message id), because that acknowledgement is what confirms a new image. paho, unlike
+  esp_mqtt, never drops an unacknowledged message, so a report unacknowledged after the
+  firmware's 31 s is sent once more from the ring (a duplicate the backend flags). Without
+  `ota`, meters hand reports to paho's outbox and forget them, as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import queue
@@ -39,6 +57,8 @@ import ssl
 import struct
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -48,7 +68,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from core.rules import KWH_QUANTUM, METER_NO_HELP, parse_mqtt_url, valid_meter_no
+from core.rules import KWH_QUANTUM, METER_NO_HELP, parse_mqtt_url, valid_fw_version, valid_meter_no
 from devtools.sim.meter_core import (
     KEY_SEQ,
     KEY_STATE,
@@ -56,7 +76,10 @@ from devtools.sim.meter_core import (
     MemoryKvStore,
     MeterConfig,
     MeterCore,
+    OtaConfig,
+    OtaManager,
     ReportBuffer,
+    SimOtaPlatform,
     StateRecord,
     encode_state,
     round6,
@@ -96,6 +119,42 @@ class Resume:
     reg_id: str | None = None
 
 
+# The version the simulated meters run until they are updated.
+SIM_FW_VERSION = "sim-1.0.0"
+
+
+def http_fetch(url: str, *, ca_file: str | None = None, timeout: float = 30.0) -> bytes | None:
+    """An image over HTTP(S), as esp_https_ota fetches it; None for anything but a 200."""
+    context = ssl.create_default_context(cafile=ca_file) if url.startswith("https://") else None
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:  # noqa: S310 (http(s) only)
+            return response.read() if response.status == 200 else None
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+@dataclass
+class OtaOptions:
+    """Meters that update over the air (see the module docstring)."""
+
+    public_key: bytes  # the release key's public point, 04 || X || Y (sign_firmware.py keygen)
+    fetch: Callable[[str], bytes | None] | None = None  # None: http_fetch (with ca_file for https)
+    ca_file: str | None = None
+    # The firmware refuses http:// URLs; the simulator accepts them only when told (tests, make run).
+    require_https: bool = True
+    fetch_ms: int = 5000  # simulated download time
+    fail_boot_meters: set[str] = field(default_factory=set)
+    fail_boot_rate: float = 0.0
+
+    def validate(self) -> None:
+        if not (isinstance(self.public_key, bytes) and len(self.public_key) == 65 and self.public_key[0] == 4):
+            raise ValueError("the OTA public key must be the 65-byte uncompressed point (04…)")
+        if not (0 <= self.fail_boot_rate <= 1):
+            raise ValueError(f"fail-boot-rate must be between 0 and 1, got {self.fail_boot_rate}")
+        if not (isinstance(self.fetch_ms, int) and self.fetch_ms >= 0):
+            raise ValueError("the simulated download time must be a non-negative number of ms")
+
+
 @dataclass
 class FleetOptions:
     meter_nos: list[str]
@@ -113,6 +172,8 @@ class FleetOptions:
     client_id_prefix: str = ""
     resume: dict[str, Resume] = field(default_factory=dict)
     power_kw: tuple[float, float] = (0.3, 3.0)  # household load range
+    ota: OtaOptions | None = None  # meters that update over the air (command/ota)
+    firmware: dict[str, str] = field(default_factory=dict)  # the version a meter runs at start (else SIM_FW_VERSION)
 
     def validate(self) -> None:
         if not self.meter_nos:
@@ -136,6 +197,11 @@ class FleetOptions:
             raise ValueError("the outage must be a non-negative number of seconds")
         if self.buffer_capacity < 1:
             raise ValueError("the report buffer needs at least one slot")
+        if self.ota is not None:
+            self.ota.validate()
+        bad = [m for m, version in self.firmware.items() if not valid_fw_version(version)]
+        if bad:
+            raise ValueError(f"invalid firmware version for {', '.join(bad[:5])}")
 
 
 @dataclass
@@ -150,6 +216,9 @@ class Stats:
     commands_received: int = 0
     drops: int = 0
     register_resets: int = 0
+    ota_commands: int = 0  # command/ota messages received
+    reboots: int = 0  # restarts into a new image, rollbacks and crashes
+    images_failed_boot: int = 0  # new images that panicked at boot (then rolled back)
 
     def add(self, other: Stats) -> None:
         for name in self.__dataclass_fields__:
@@ -157,11 +226,14 @@ class Stats:
 
 
 class SimMeter:
-    """One meter: its core and hardware models (clock, NVS, flash ring, PZEM, household)."""
+    """One meter: its core and hardware models (clock, NVS, flash ring, PZEM, household), and with
+    OTA the platform (boot slots) that a restart, a crash or a rollback acts on."""
 
-    def __init__(self, meter_no: str, options: FleetOptions, rng: random.Random, publish) -> None:
+    def __init__(self, meter_no: str, options: FleetOptions, rng: random.Random, publish, stats: Stats | None = None) -> None:
         self.meter_no = meter_no
         self.rng = rng
+        self.options = options
+        self._publish = publish
         self.clock = ManualClock(rng.randrange(0, 2**32))  # devices boot at any millis()
         self.kv = MemoryKvStore()
         self.buffer = ReportBuffer(options.buffer_capacity)
@@ -179,31 +251,99 @@ class SimMeter:
         self._power_kw = rng.uniform(*options.power_kw)
         self._power_range = options.power_kw
         self.sensor_live = True
-        interval_ms = max(int(options.interval_s * 1000), 1)
-        self.core = MeterCore(
+        self._interval_ms = max(int(options.interval_s * 1000), 1)
+        self._rssi = -rng.randint(45, 85)
+        self.fw = options.firmware.get(meter_no, SIM_FW_VERSION)
+        self.previous_fw = self.fw
+        self.stats = stats if stats is not None else Stats()
+        ota = options.ota
+        self.platform: SimOtaPlatform | None = None
+        if ota is not None:
+            fetch = ota.fetch or (lambda url: http_fetch(url, ca_file=ota.ca_file))
+            self.platform = SimOtaPlatform(self.clock.monotonic, fetch, fetch_ms=ota.fetch_ms, crashes=self._fails_boot)
+        self.core = self._boot("poweron")
+        self.start_energy_total = self.core.energy_total
+
+    @property
+    def reports_acked_by_id(self) -> bool:
+        """The firmware's transport mode: reports leave the ring on their PUBACK (with OTA)."""
+        return self.platform is not None
+
+    def _boot(self, reason: str) -> MeterCore:
+        if self.options.speed == 1:
+            # Real time: SNTP-synced Unix ms. Accelerated time would date reports in the future,
+            # so those meters stay unsynced and send ms since boot, which PROTOCOL.md tells the
+            # backend to treat as "time unknown" (placed at the time of receipt).
+            self.clock.sync(time.time_ns() // 1_000_000)
+        ota = None
+        if self.platform is not None:
+            config = OtaConfig(require_https=self.options.ota.require_https)
+            ota = OtaManager(config, self.kv, self.platform, self.options.ota.public_key)
+        core = MeterCore(
             MeterConfig(
-                meter_no=meter_no,
-                fw_version="sim-1.0.0",
-                report_interval_ms=interval_ms,
-                sample_interval_ms=step_ms_for(interval_ms),
+                meter_no=self.meter_no,
+                fw_version=self.fw,
+                report_interval_ms=self._interval_ms,
+                sample_interval_ms=step_ms_for(self._interval_ms),
                 status_interval_ms=0,
             ),
             self.clock,
             self.kv,
             self.buffer,
-            lambda topic, payload, qos, retain: publish(self, topic, payload, qos, retain),
+            lambda topic, payload, qos, retain: self._publish(self, topic, payload, qos, retain),
             self._set_relay,
             self.read_register,
-            random32=lambda: rng.getrandbits(32),
+            reset_reason=reason,
+            random32=lambda: self.rng.getrandbits(32),
+            ota=ota,
         )
-        self.core.set_wifi_rssi(-rng.randint(45, 85))
-        if options.speed == 1:
-            # Real time: SNTP-synced Unix ms. Accelerated time would date reports in the future,
-            # so those meters stay unsynced and send ms since boot, which PROTOCOL.md tells the
-            # backend to treat as "time unknown" (placed at the time of receipt).
-            self.clock.sync(time.time_ns() // 1_000_000)
-        self.core.begin()
-        self.start_energy_total = self.core.energy_total
+        core.set_wifi_rssi(self._rssi)
+        core.begin()
+        return core
+
+    def _fails_boot(self, image: bytes) -> bool:
+        ota = self.options.ota
+        if self.meter_no in ota.fail_boot_meters:
+            return True
+        if not ota.fail_boot_rate:
+            return False
+        draw = random.Random(f"{self.options.seed}:{self.meter_no}:{hashlib.sha256(image).hexdigest()}")
+        return draw.random() < ota.fail_boot_rate
+
+    def follow_platform(self, connected: bool) -> None:
+        """After loop() or a command: a restart into the new image, or a rollback, the OTA state
+        machine asked for (the core saved its state first)."""
+        p = self.platform
+        if p is None:
+            return
+        if p.restart_requested:
+            self._reset("software", connected)
+        elif p.rollback_requested:
+            p.next_image = None
+            self.fw = self.previous_fw
+            self._reset("software", connected)
+
+    def _reset(self, reason: str, connected: bool) -> None:
+        """A reboot, as SimDevice._reset: an activated image boots whatever the reason; one that
+        panics is reset again (reason panic) before it can connect, and that boot rolls back."""
+        self.stats.reboots += 1
+        if self.core.connected:
+            will = self.core.will_message()  # the broker publishes it when the connection drops
+            self._publish(self, will.topic, will.payload, will.qos, will.retain)
+        p = self.platform
+        image = None
+        if p.next_image is not None:
+            image, p.next_image = p.next_image, None
+            self.previous_fw, self.fw = self.fw, self.core.ota.target_version
+        p.reset()
+        self.clock.restart(self.rng.randrange(0, 2**32))
+        self.core = self._boot(reason)
+        if image is not None and p.crashes(image):
+            self.stats.images_failed_boot += 1
+            self._reset("panic", connected=False)
+            return
+        if connected:
+            self.core.on_connected()
 
     def _set_relay(self, closed: bool) -> None:
         self.relay_closed = closed
@@ -295,11 +435,14 @@ class Connection(threading.Thread):
         self.connected = False
         self.finished = threading.Event()
         self._events: queue.SimpleQueue[tuple] = queue.SimpleQueue()
-        self._pending: list[tuple[str, mqtt.MQTTMessageInfo]] = []  # (kind, info) awaiting PUBACK
+        # (kind, info, meter whose core learns of the PUBACK or None) awaiting PUBACK
+        self._pending: list[tuple[str, mqtt.MQTTMessageInfo, SimMeter | None]] = []
         self.garbage: list[bytes] = []  # payloads PUBACKed by the broker
         self._garbage_pending: list[tuple[bytes, mqtt.MQTTMessageInfo]] = []
         self._cut_pending = False
-        self.meters = {m: SimMeter(m, options, random.Random(self.rng.random()), self._publish) for m in meter_nos}
+        self.meters = {
+            m: SimMeter(m, options, random.Random(self.rng.random()), self._publish, self.stats) for m in meter_nos
+        }
         self.interval_ms = max(int(options.interval_s * 1000), 1)
         self.step_ms = step_ms_for(self.interval_ms)
         self.client_id = f"{options.client_id_prefix or 'sim'}-{index}"[:64]
@@ -341,12 +484,15 @@ class Connection(threading.Thread):
             return False  # refused (outbox full): the core keeps the report in its ring
         if topic.endswith("/consumption"):
             self.stats.reports_sent += 1
-            self._pending.append(("report", info))
+            by_id = meter.reports_acked_by_id
+            self._pending.append(("report", info, meter if by_id else None))
             if self.options.duplicate_rate and self.rng.random() < self.options.duplicate_rate:
                 copy = self.client.publish(topic, payload, qos=1, retain=False)
                 if copy.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
                     self.stats.duplicates_sent += 1
-                    self._pending.append(("duplicate", copy))
+                    self._pending.append(("duplicate", copy, None))
+            if by_id:
+                return info.mid  # the report leaves the meter's ring on this id's PUBACK
         return True
 
     # --- the connection thread ---------------------------------------------------------------
@@ -370,6 +516,7 @@ class Connection(threading.Thread):
                 meter.consume(self.step_ms)
                 meter.clock.advance(self.step_ms)
                 meter.core.loop()
+                meter.follow_platform(self.connected)
             since_interval += self.step_ms
             if since_interval >= self.interval_ms:
                 since_interval = 0
@@ -393,7 +540,8 @@ class Connection(threading.Thread):
                     raise ConnectionError(f"broker refused {self.client_id}: {event[2]}")
                 self.connected = True
                 self._cut_pending = False
-                topics = [(f"smartmeter/{m}/command/{kind}", 1) for m in self.meters for kind in ("balance", "relay")]
+                kinds = ("balance", "relay", "ota") if self.options.ota is not None else ("balance", "relay")
+                topics = [(f"smartmeter/{m}/command/{kind}", 1) for m in self.meters for kind in kinds]
                 for start in range(0, len(topics), 200):
                     self.client.subscribe(topics[start:start + 200])
                 for meter in self.meters.values():
@@ -408,7 +556,9 @@ class Connection(threading.Thread):
                 meter = self.meters.get(topic.split("/")[1]) if topic.count("/") == 3 else None
                 if meter is not None:
                     self.stats.commands_received += 1
+                    self.stats.ota_commands += topic.endswith("/command/ota")
                     meter.core.on_message(topic, payload)
+                    meter.follow_platform(self.connected)
 
     def _faults(self) -> None:
         o = self.options
@@ -457,12 +607,14 @@ class Connection(threading.Thread):
 
     def _collect_acks(self) -> None:
         still = []
-        for kind, info in self._pending:
+        for kind, info, meter in self._pending:
             if info.is_published():
                 if kind == "report":
                     self.stats.reports_acked += 1
+                if meter is not None:
+                    meter.core.on_published(info.mid)  # (a core booted since ignores an id it never sent)
             else:
-                still.append((kind, info))
+                still.append((kind, info, meter))
         self._pending = still
         garbage = []
         for payload, info in self._garbage_pending:
@@ -561,6 +713,8 @@ class Fleet:
             f"acked {st.reports_acked}, buffered {s['buffered']} | commands received {st.commands_received} | "
             f"faults: drops {st.drops}, duplicates {st.duplicates_sent}, register resets {st.register_resets}, "
             f"garbage {st.garbage_sent} | measured {s['measured_kwh']} kWh | {s['elapsed_s']:.0f} s"
+            + (f" | OTA: commands {st.ota_commands}, reboots {st.reboots}, images that failed to boot "
+               f"{st.images_failed_boot}" if self.options.ota is not None else "")
         )
 
     def failed(self) -> BaseException | None:

@@ -37,6 +37,7 @@ from meters.models import (
     RegisterHistory,
     StatusEvent,
 )
+from meters.ota.services import ota_statuses_record
 from meters.reports import BalanceReport, ConsumptionReport, Report, StatusUpdate
 from meters.services import balance_commands_queue_locked, firebase_mirror_mark
 
@@ -351,12 +352,17 @@ def _apply_statuses(items: list[StatusUpdate], states: dict[str, MeterState], no
         for s in items
     )
     latest: dict[str, StatusUpdate] = {}
+    # The newest status that speaks for the meter's firmware now: not a Last Will, which the
+    # meter composed when it connected (maybe before an update).
+    reported: dict[str, StatusUpdate] = {}
     reconnected: dict[str, None] = {}
     disagreeing: dict[str, None] = {}
     online = {meter_no: states[meter_no].online for meter_no in {s.meter_no for s in items}}
     for status in items:
         meter_no = status.meter_no
         latest[meter_no] = status
+        if status.status != "offline" and (status.firmware or status.ota_state):
+            reported[meter_no] = status
         if status.status == "offline":
             online[meter_no] = False
         else:
@@ -376,6 +382,12 @@ def _apply_statuses(items: list[StatusUpdate], states: dict[str, MeterState], no
             fields["relay_state"] = status.relay
         if meter_no in disagreeing:
             fields["last_resync_at"] = now
+        if meter_no in reported:
+            firmware = reported[meter_no]
+            if firmware.firmware:
+                fields["firmware"] = firmware.firmware
+            if firmware.ota_state:
+                fields["ota_state"], fields["ota_version"] = firmware.ota_state, firmware.ota_version
         Meter.objects.filter(id=states[meter_no].meter_id).update(**fields)
         states[meter_no].online = online[meter_no]
         outcome.events.append(
@@ -387,6 +399,8 @@ def _apply_statuses(items: list[StatusUpdate], states: dict[str, MeterState], no
     disagreeing = {meter_no: None for meter_no in disagreeing if meter_no not in reconnected}
     if disagreeing:
         _queue_balance_commands([states[meter_no] for meter_no in disagreeing], reason="resync", now=now)
+    # Firmware updates: each meter's part in a rollout, from the same statuses (meters.ota).
+    ota_statuses_record(items, {meter_no: states[meter_no].meter_id for meter_no in online}, now)
     outcome.statuses += len(items)
 
 
