@@ -14,7 +14,7 @@ from tests.conftest import PASSWORD
 from tests.payments.fixtures import stk_success_for
 
 pytestmark = pytest.mark.django_db
-CALLBACK = "/payments/callbacks/stk/test-callback-secret/"
+CALLBACK = "/payments/callbacks/stk/test-callback-secret-0123456789abcdef/"
 
 
 @pytest.fixture
