@@ -20,6 +20,7 @@ import threading
 from decimal import Decimal
 
 from django.conf import settings
+from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from core.errors import DomainError, NotFound
@@ -50,6 +51,10 @@ class Command(BaseCommand):
         which.add_argument("--tariff", default=None, help="tariff name for --provision (default: the only/first)")
         which.add_argument("--credit", type=Decimal, default=Decimal("0"),
                            help="opening credit in kWh for meters that --provision creates")
+        which.add_argument("--issue-credentials", action="store_true",
+                           help="give each meter a new broker password, as a technician flashing it would "
+                                "(meters.services.meter_credential_issue), write the broker's files and reload it "
+                                "(manage.py mqtt_auth export --reload); each meter then connects as itself")
         run = parser.add_argument_group("running")
         run.add_argument("--interval", type=float, default=30.0,
                          help="report interval in simulated seconds (default 30, as the firmware)")
@@ -88,6 +93,7 @@ class Command(BaseCommand):
         if options["provision"]:
             self._provision(meter_nos, options["tariff"], options["credit"])
         resume = self._resume(meter_nos)
+        credentials = self._issue_credentials(meter_nos) if options["issue_credentials"] else None
         if options["mqtt_url"]:
             try:
                 broker = Broker.from_url(options["mqtt_url"], ca_file=settings.MQTT_CA_FILE)
@@ -110,6 +116,7 @@ class Command(BaseCommand):
             duplicate_rate=options["duplicate_rate"], register_reset_rate=options["register_reset_rate"],
             garbage_rate=options["garbage_rate"], seed=options["seed"],
             client_id_prefix=options["client_id_prefix"] or f"sim-{os.getpid()}", resume=resume,
+            credentials=credentials,
         )
         try:
             fleet = Fleet(fleet_options)
@@ -183,6 +190,14 @@ class Command(BaseCommand):
                 raise CommandError(f"{meter_no}: {error.message}") from None
             created += 1
         self.stdout.write(f"[sim] provisioned {created} meter(s) on tariff {tariff.name}")
+
+    def _issue_credentials(self, meter_nos: list[str]) -> dict[str, str]:
+        try:
+            credentials = {m: services.meter_credential_issue(meter_no=m, actor="simulate_meters") for m in meter_nos}
+        except DomainError as error:
+            raise CommandError(f"{error.message} (provision the meters first, e.g. --provision)") from None
+        call_command("mqtt_auth", "export", "--reload", stdout=self.stdout)
+        return credentials
 
     def _resume(self, meter_nos: list[str]) -> dict[str, Resume]:
         resume = {}

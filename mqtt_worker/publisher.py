@@ -43,7 +43,7 @@ class Publisher:
         self._connected = threading.Event()
         client_id = f"{settings.MQTT_PUBLISHER_CLIENT_ID}-{socket.gethostname()}-{self.pid}"[:64]
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        configure_client(self.client)
+        configure_client(self.client, settings.MQTT_PUBLISHER)
         # A small in-flight window: paho slows sharply with a large one (measured).
         self.client.max_inflight_messages_set(100)
         self.client.on_socket_open = lambda client, userdata, sock: tune_socket(sock)
@@ -51,7 +51,7 @@ class Publisher:
             self._connected.set() if not code.is_failure else logger.error("Broker refused publisher: %s", code)
         )
         self.client.on_disconnect = lambda *args: self._connected.clear()
-        config = settings.MQTT
+        config = settings.MQTT_PUBLISHER
         self.client.connect_async(config["host"], config["port"], keepalive=30)
         self.client.loop_start()
 

@@ -113,6 +113,9 @@ class FleetOptions:
     client_id_prefix: str = ""
     resume: dict[str, Resume] = field(default_factory=dict)
     power_kw: tuple[float, float] = (0.3, 3.0)  # household load range
+    # Per-meter broker passwords (username = meterNo), as a broker with the project's ACL wants:
+    # each meter then has a connection of its own, as a real one does.
+    credentials: dict[str, str] | None = None
 
     def validate(self) -> None:
         if not self.meter_nos:
@@ -136,6 +139,10 @@ class FleetOptions:
             raise ValueError("the outage must be a non-negative number of seconds")
         if self.buffer_capacity < 1:
             raise ValueError("the report buffer needs at least one slot")
+        if self.credentials is not None:
+            missing = [m for m in self.meter_nos if not self.credentials.get(m)]
+            if missing:
+                raise ValueError(f"no broker password for {', '.join(missing[:5])}")
 
 
 @dataclass
@@ -310,7 +317,10 @@ class Connection(threading.Thread):
     def _make_client(self) -> mqtt.Client:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
         broker = self.options.broker
-        if broker.username:
+        if self.options.credentials is not None:
+            (meter_no,) = self.meters
+            client.username_pw_set(meter_no, self.options.credentials[meter_no])
+        elif broker.username:
             client.username_pw_set(broker.username, broker.password)
         if broker.tls:
             client.tls_set(ca_certs=broker.ca_file, cert_reqs=ssl.CERT_REQUIRED)
@@ -523,7 +533,7 @@ class Fleet:
         options.validate()
         self.options = options
         self._stop = threading.Event()
-        count = min(options.connections, len(options.meter_nos))
+        count = len(options.meter_nos) if options.credentials is not None else min(options.connections, len(options.meter_nos))
         groups: list[list[str]] = [options.meter_nos[i::count] for i in range(count)]
         self.connections = [Connection(i, group, options, self._stop) for i, group in enumerate(groups)]
         self.started_at = 0.0
