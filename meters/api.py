@@ -26,7 +26,6 @@ from meters.models import AdjustmentRequest, AdjustmentStatus, Reading, Tariff
 from meters.selectors import ledger_statement, meter_get_for_user, meters_for_user
 from meters.serializers import (
     AdjustmentDecisionSerializer,
-    AdjustmentRequestSerializer,
     AdjustmentResultSerializer,
     AdjustmentSerializer,
     CommandSerializer,
@@ -36,6 +35,7 @@ from meters.serializers import (
     MeterCreateSerializer,
     MeterSerializer,
     MeterUpdateSerializer,
+    PendingAdjustmentSerializer,
     ReadingsQuerySerializer,
     ReadingsSerializer,
     RelaySerializer,
@@ -228,7 +228,7 @@ class AdjustmentView(MeterView):
                 "waits for a second staff member (202, see adjustment-requests/)",
         request=AdjustmentSerializer,
         parameters=[IDEMPOTENCY_KEY_HEADER],
-        responses={201: AdjustmentResultSerializer, 200: AdjustmentResultSerializer, 202: AdjustmentRequestSerializer},
+        responses={201: AdjustmentResultSerializer, 200: AdjustmentResultSerializer, 202: PendingAdjustmentSerializer},
     )
     def post(self, request, meterNo):
         meter = self.get_meter()
@@ -245,7 +245,7 @@ class AdjustmentView(MeterView):
             idempotency_key=f"api-adjust:{request.user.pk}:{key}" if key else None,
         )
         if outcome.pending:
-            return Response(AdjustmentRequestSerializer(outcome.request).data, status=status.HTTP_202_ACCEPTED)
+            return Response(PendingAdjustmentSerializer(outcome.request).data, status=status.HTTP_202_ACCEPTED)
         posting = outcome.posting
         body = {"entry": posting.entry, "balance": posting.balance_kwh, "created": posting.created}
         return Response(AdjustmentResultSerializer(body).data, status=201 if posting.created else 200)
@@ -317,14 +317,14 @@ class CredentialView(MeterView):
 class AdjustmentRequestListView(generics.GenericAPIView):
     permission_classes = [permissions.IsAdminUser, StaffPermission]
     staff_permissions = {"GET": "meters.view_adjustmentrequest"}
-    serializer_class = AdjustmentRequestSerializer
+    serializer_class = PendingAdjustmentSerializer
 
     @extend_schema(summary="Adjustment requests awaiting a second staff member, oldest first (staff)",
-                   responses=AdjustmentRequestSerializer(many=True))
+                   responses=PendingAdjustmentSerializer(many=True))
     def get(self, request):
         pending = AdjustmentRequest.objects.filter(status=AdjustmentStatus.PENDING).select_related("meter", "requested_by")
         page = self.paginate_queryset(pending.order_by("id"))
-        return self.get_paginated_response(AdjustmentRequestSerializer(page, many=True).data)
+        return self.get_paginated_response(PendingAdjustmentSerializer(page, many=True).data)
 
 
 class AdjustmentDecisionView(APIView):
@@ -334,7 +334,7 @@ class AdjustmentDecisionView(APIView):
     decision = "approve"
 
     @extend_schema(summary="Approve (it posts, once) or reject a pending adjustment (a second staff member)",
-                   request=AdjustmentDecisionSerializer, responses={200: AdjustmentRequestSerializer})
+                   request=AdjustmentDecisionSerializer, responses={200: PendingAdjustmentSerializer})
     def post(self, request, id: int):
         data = AdjustmentDecisionSerializer(data=request.data)
         data.is_valid(raise_exception=True)
@@ -343,4 +343,4 @@ class AdjustmentDecisionView(APIView):
             decided = adjustments.adjustment_approve(request_id=id, approver=request.user, note=note).request
         else:
             decided = adjustments.adjustment_reject(request_id=id, approver=request.user, note=note)
-        return Response(AdjustmentRequestSerializer(decided).data)
+        return Response(PendingAdjustmentSerializer(decided).data)

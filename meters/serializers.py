@@ -78,7 +78,7 @@ class AdjustmentResultSerializer(serializers.Serializer):
     created = serializers.BooleanField(help_text="False when an Idempotency-Key repeated an earlier adjustment")
 
 
-class AdjustmentRequestSerializer(serializers.Serializer):
+class PendingAdjustmentSerializer(serializers.Serializer):
     id = serializers.IntegerField()
     meterNo = serializers.CharField(source="meter.meter_no")
     units = serializers.DecimalField(source="units_kwh", **KWH_FIELD)
