@@ -300,6 +300,7 @@ ADJUSTMENT_APPROVAL_KWH = env_decimal("ADJUSTMENT_APPROVAL_KWH", "50", minimum=D
 # METRICS_ALLOWED_IPS. Processes on one host share PROMETHEUS_MULTIPROC_DIR (prometheus-client's).
 METRICS_TOKEN = env_str("METRICS_TOKEN", " ").strip()
 METRICS_ALLOWED_IPS = env_list("METRICS_ALLOWED_IPS", "")
+MIDDLEWARE.insert(0, "portal.metrics.RequestMetricsMiddleware")
 
 # Alerts and notifications (notifications app, Celery beat).
 METER_REPORT_INTERVAL_S = env_int("METER_REPORT_INTERVAL_S", 30, minimum=1)
