@@ -8,9 +8,15 @@ is read at scrape time instead (portal.metrics), so it is right whichever proces
 No Django here.
 """
 
+import os
 from decimal import Decimal
 
 from prometheus_client import Counter, Gauge, Histogram
+
+# Multiprocess mode writes into this folder from the first metric on; a checkout's `make clean`
+# or a fresh tmpfs may not have it yet.
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 PREFIX = "smartmeter"
 

@@ -19,15 +19,21 @@ import signal
 import threading
 from decimal import Decimal
 
+import django
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from core.errors import DomainError, NotFound
-from core.rules import METER_NO_HELP, valid_meter_no
-from devtools.sim.fleet import Broker, Fleet, FleetOptions, Resume
-from meters import selectors, services
-from meters.models import Tariff
+if __name__ == "__main__":
+    # `python -m devtools.simulate_meters`: Django is set up before the models below are imported.
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+    django.setup()
+
+from core.errors import DomainError, NotFound  # noqa: E402
+from core.rules import METER_NO_HELP, valid_meter_no  # noqa: E402
+from devtools.sim.fleet import Broker, Fleet, FleetOptions, Resume  # noqa: E402
+from meters import selectors, services  # noqa: E402
+from meters.models import Tariff  # noqa: E402
 
 # The next boot of a real meter resumes one reserved block above the last seq it stored.
 SEQ_BLOCK = 64
@@ -222,8 +228,6 @@ def main(argv: list[str] | None = None) -> None:
     """A development command, not one of the apps' management commands: the apps never import
     the simulator. It sets Django up itself, with the same settings as `manage.py`."""
     import sys
-
-    import django
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
     django.setup()
