@@ -62,7 +62,7 @@ def test_simulator_and_worker_over_tls_with_per_meter_credentials_bill_exactly(p
             return stats.reports_acked >= len(METERS) * 8 and all(m.measured_kwh > 0 for m in fleet.meters.values())
 
         wait_until(billed, "every meter to be billed over TLS", process=worker)
-        delivered, fleet = fleet.stop(flush_timeout=60), fleet
+        delivered = fleet.stop(flush_timeout=60)
         assert delivered, "every report was PUBACKed"
         measured = {meter_no: meter.measured_kwh for meter_no, meter in fleet.meters.items()}
         wait_until(lambda: debits_per_meter() == measured, "the ledger to reach the measured energy", process=worker)
