@@ -21,21 +21,28 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
 	@touch $(STAMP)
 
+# A fresh SECRET_KEY and fresh passwords for the backend's broker users (`make run`'s broker
+# refuses anonymous clients); .env is read under the environment by every process.
 .env: .env.example
 	@if [ ! -f .env ]; then \
-		key=$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))'); \
-		sed "s|^SECRET_KEY=.*|SECRET_KEY=$$key|" .env.example > .env; \
+		new() { $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe('$$1'))'; }; \
+		sed -e "s|^SECRET_KEY=.*|SECRET_KEY=$$(new 50)|" -e "s|dev-ingest-password|$$(new 24)|" \
+			-e "s|dev-publisher-password|$$(new 24)|" .env.example > .env; \
 		echo "Created .env from .env.example (edit it to configure)"; \
 	fi
 
+# Every step reads .env under the environment (the settings do; bin/start-all for honcho).
 run: $(STAMP) .env
 	@bin/ensure-system-deps
 	@mkdir -p var
-	$(BIN)/honcho run python manage.py migrate --noinput
-	$(BIN)/honcho run python manage.py collectstatic --noinput --verbosity 0
-	$(BIN)/honcho run python manage.py seed_demo
+	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
+	$(BIN)/python manage.py seed_demo
+	$(BIN)/python manage.py mqtt_auth from-settings
+	@bin/dev-ca var/mosquitto/tls
+	@rm -rf var/prometheus && mkdir -p var/prometheus
 	@echo "Starting everything (Ctrl-C stops it all)..."
-	exec $(BIN)/honcho start -f Procfile
+	exec bin/start-all
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -46,7 +53,7 @@ firmware-test:
 
 # The suite: ruff, the firmware's host tests (ctest), then pytest. Services come from
 # DATABASE_URL / REDIS_URL / MQTT_URL or are started privately by the tests.
-test: $(STAMP)
+test: $(STAMP) .env
 	@bin/ensure-system-deps --test
 	$(BIN)/ruff check .
 	bash firmware/host-test.sh

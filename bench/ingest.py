@@ -174,7 +174,8 @@ def main() -> None:
     os.environ.update(
         DJANGO_SETTINGS_MODULE="portal.settings", DATABASE_URL=bench_url, MQTT_URL=broker.url, DEBUG="False",
         SECRET_KEY="bench-ingest-secret-key-not-for-production-use-0123456789",
-        MPESA_CALLBACK_SECRET="bench", LOG_LEVEL="INFO", PYTHONUNBUFFERED="1",
+        MPESA_CALLBACK_SECRET="bench-ingest-callback-secret-0123456789", LOG_LEVEL="INFO", PYTHONUNBUFFERED="1",
+        HTTPS_ONLY="False", ENV_FILE="",  # nothing from a checkout's .env
     )
     processes: list[subprocess.Popen] = []
     try:

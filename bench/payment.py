@@ -68,8 +68,11 @@ def main() -> None:
         "DATABASE_URL": _database_url(),
         "REDIS_URL": redis.url,
         "MQTT_URL": broker.url,
-        "MPESA_CALLBACK_SECRET": "bench-" + secrets.token_urlsafe(16),
+        "MPESA_CALLBACK_SECRET": "bench-" + secrets.token_urlsafe(32),
         "LOG_LEVEL": "WARNING",
+        # Plain HTTP on loopback, and nothing from a checkout's .env.
+        "HTTPS_ONLY": "False",
+        "ENV_FILE": "",
     }
     os.environ.update(env)
     processes: list[subprocess.Popen] = []

@@ -6,7 +6,7 @@ accounting values exact on the way in.
 """
 
 from drf_spectacular.utils import OpenApiParameter
-from rest_framework import serializers
+from rest_framework import permissions, serializers
 
 from core.errors import InvalidInput
 from core.rules import IDEMPOTENCY_KEY_HELP, IDEMPOTENCY_KEY_PATTERN, KES_PLACES, KWH_PLACES, valid_idempotency_key
@@ -71,3 +71,30 @@ class ErrorDetailSerializer(serializers.Serializer):
 
 class ErrorSerializer(serializers.Serializer):
     error = ErrorDetailSerializer()
+
+
+def staff_may(user, permission: str) -> bool:
+    return bool(user and user.is_authenticated and user.is_staff and user.has_perm(permission))
+
+
+class StaffPermission(permissions.BasePermission):
+    """Staff operations by role: a view names the Django permission each HTTP method needs in
+    `staff_permissions` ({"POST": "meters.adjust_balance"}; portal's staff-roles migration gives
+    them to groups). Methods it does not name are left to the view's other permission classes.
+    Views of one object (a meter) check it on the object, after the view found it for the
+    caller, so someone else's meter stays a 404; collections check it up front."""
+
+    message = "Your staff role does not allow this"
+
+    def _needed(self, request, view) -> str | None:
+        return getattr(view, "staff_permissions", {}).get(request.method)
+
+    def has_permission(self, request, view) -> bool:
+        if getattr(view, "staff_permission_on_object", False):
+            return True
+        needed = self._needed(request, view)
+        return needed is None or staff_may(request.user, needed)
+
+    def has_object_permission(self, request, view, obj) -> bool:
+        needed = self._needed(request, view)
+        return needed is None or staff_may(request.user, needed)

@@ -1,7 +1,9 @@
 """Real services for tests: the ones the environment names, or private ones started here.
 
-A private Mosquitto runs with the project's own config (deploy/mosquitto/mosquitto.conf) on a
-free port; it can be stopped, restarted and killed for fault tests. A private Redis likewise.
+A private Mosquitto runs with the project's own generated config (mqtt_worker.broker_files) on a
+free port: anonymous by default, or with the accounts `manage.py mqtt_auth export` writes and
+the TLS listener of the development CA (bin/dev-ca); it can be stopped, restarted, reloaded and
+killed for fault tests. A private Redis likewise.
 """
 
 import os
@@ -63,26 +65,60 @@ def _hand_to_mosquitto_user(folder: Path) -> None:
         shutil.chown(path, "mosquitto", "mosquitto")
 
 
+def dev_ca(directory: Path):
+    """The development CA and broker certificate (bin/dev-ca, as `make run` makes them)."""
+    from mqtt_worker.broker_files import Tls
+
+    subprocess.run([str(ROOT / "bin" / "dev-ca"), str(directory)], check=True, timeout=60)
+    return Tls(directory / "ca.crt", directory / "server.crt", directory / "server.key")
+
+
 @dataclass
 class PrivateMosquitto:
-    """A Mosquitto process of our own, with the project's config and persistence."""
+    """A Mosquitto process of our own, with the project's generated config and persistence.
+    `secure=True`: no anonymous access, the accounts in `auth_dir` (write them with
+    `manage.py mqtt_auth export --dir <auth_dir>`), and TLS with the development CA."""
 
     port: int = field(default_factory=free_port)
     extra_config: str = ""
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="mosq-")))
+    secure: bool = False
     process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.secure else 'mqtt'}://127.0.0.1:{self.port}"
+
+    @property
+    def auth_dir(self) -> Path:
+        return self.workdir / "auth"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.workdir / "tls" / "ca.crt"
 
     def _write_config(self) -> Path:
+        from mqtt_worker.broker_files import broker_config, write_auth_files
+
+        tls = None
+        if self.secure:
+            tls = dev_ca(self.workdir / "tls")
+            if not (self.auth_dir / "passwd").exists():
+                write_auth_files(self.auth_dir, meters=[], services=[])
         config = self.workdir / "mosquitto.conf"
-        base = (ROOT / "deploy/mosquitto/mosquitto.conf").read_text()
-        config.write_text(
-            f"listener {self.port} 127.0.0.1\npersistence_location {self.workdir}/\n{base}\n{self.extra_config}\n"
-        )
+        text = broker_config(port=self.port, bind="127.0.0.1", persistence_dir=self.workdir,
+                             auth_dir=self.auth_dir if self.secure else None, tls=tls)
+        config.write_text(f"{text}\n{self.extra_config}\n")
         return config
+
+    def reload(self) -> None:
+        """SIGHUP: the broker re-reads its password and ACL files (no restart)."""
+        from mqtt_worker.broker_files import reload_broker
+
+        pid_file = self.workdir / "test.pid"
+        pid_file.write_text(str(self.process.pid))
+        if not reload_broker(pid_file):
+            raise RuntimeError("the private broker did not take SIGHUP")
 
     def start(self) -> "PrivateMosquitto":
         if shutil.which("mosquitto") is None:

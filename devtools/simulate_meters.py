@@ -23,15 +23,22 @@ import signal
 import threading
 from decimal import Decimal
 
+import django
 from django.conf import settings
+from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from core.errors import DomainError, NotFound
-from core.rules import METER_NO_HELP, valid_fw_version, valid_meter_no
-from devtools.sim.fleet import Broker, Fleet, FleetOptions, OtaOptions, Resume
-from meters import selectors, services
-from meters.models import Meter, Tariff
-from meters.ota.signing import public_key_point
+if __name__ == "__main__":
+    # `python -m devtools.simulate_meters`: Django is set up before the models below are imported.
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+    django.setup()
+
+from core.errors import DomainError, NotFound  # noqa: E402
+from core.rules import METER_NO_HELP, valid_fw_version, valid_meter_no  # noqa: E402
+from devtools.sim.fleet import Broker, Fleet, FleetOptions, OtaOptions, Resume  # noqa: E402
+from meters import selectors, services  # noqa: E402
+from meters.models import Meter, Tariff  # noqa: E402
+from meters.ota.signing import public_key_point  # noqa: E402
 
 # The next boot of a real meter resumes one reserved block above the last seq it stored.
 SEQ_BLOCK = 64
@@ -55,6 +62,10 @@ class Command(BaseCommand):
         which.add_argument("--tariff", default=None, help="tariff name for --provision (default: the only/first)")
         which.add_argument("--credit", type=Decimal, default=Decimal("0"),
                            help="opening credit in kWh for meters that --provision creates")
+        which.add_argument("--issue-credentials", action="store_true",
+                           help="give each meter a new broker password, as a technician flashing it would "
+                                "(meters.services.meter_credential_issue), write the broker's files and reload it "
+                                "(manage.py mqtt_auth export --reload); each meter then connects as itself")
         run = parser.add_argument_group("running")
         run.add_argument("--interval", type=float, default=30.0,
                          help="report interval in simulated seconds (default 30, as the firmware)")
@@ -100,6 +111,7 @@ class Command(BaseCommand):
         if options["provision"]:
             self._provision(meter_nos, options["tariff"], options["credit"])
         resume = self._resume(meter_nos)
+        credentials = self._issue_credentials(meter_nos) if options["issue_credentials"] else None
         if options["mqtt_url"]:
             try:
                 broker = Broker.from_url(options["mqtt_url"], ca_file=settings.MQTT_CA_FILE)
@@ -126,6 +138,7 @@ class Command(BaseCommand):
             # A restarted simulator's meters still run the firmware they last reported.
             firmware={m: v for m, v in Meter.objects.filter(meter_no__in=meter_nos).values_list("meter_no", "firmware")
                       if valid_fw_version(v)},
+            credentials=credentials,
         )
         try:
             fleet = Fleet(fleet_options)
@@ -216,6 +229,13 @@ class Command(BaseCommand):
         fail = {m.strip() for m in options["ota_fail_boot"].split(",") if m.strip()}
         return OtaOptions(public_key=key, ca_file=settings.MQTT_CA_FILE, require_https=not settings.OTA_ALLOW_HTTP,
                           fail_boot_meters=fail, fail_boot_rate=options["ota_fail_rate"])
+    def _issue_credentials(self, meter_nos: list[str]) -> dict[str, str]:
+        try:
+            credentials = {m: services.meter_credential_issue(meter_no=m, actor="simulate_meters") for m in meter_nos}
+        except DomainError as error:
+            raise CommandError(f"{error.message} (provision the meters first, e.g. --provision)") from None
+        call_command("mqtt_auth", "export", "--reload", stdout=self.stdout)
+        return credentials
 
     def _resume(self, meter_nos: list[str]) -> dict[str, Resume]:
         resume = {}
@@ -243,8 +263,6 @@ def main(argv: list[str] | None = None) -> None:
     """A development command, not one of the apps' management commands: the apps never import
     the simulator. It sets Django up itself, with the same settings as `manage.py`."""
     import sys
-
-    import django
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
     django.setup()

@@ -11,17 +11,21 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.shortcuts import render
+from django.urls import reverse
 
 from core.admin import ReadOnlyAdmin
 from core.errors import DomainError
-from meters import services
+from meters import adjustments, services
 from meters.consumption import registers
 from meters.models import (
+    AdjustmentRequest,
+    AdjustmentStatus,
     Customer,
     FirebaseMirror,
     LedgerEntry,
     Meter,
     MeterCommand,
+    MeterCredential,
     Reading,
     RegisterHistory,
     StatusEvent,
@@ -202,34 +206,89 @@ class MeterAdmin(admin.ModelAdmin):
     readonly_fields = [
         "balance_kwh", "reg_id", "last_energy_total_kwh", "energy_floor_kwh", "last_energy_seq", "energy_suspect_kwh",
         "energy_held_kwh", "last_reported_balance_kwh", "last_seen_at", "online", "relay_state", "relay_override",
-        "last_resync_at", "anomaly", "created_at", "firmware", "ota_state", "ota_version",
+        "last_resync_at", "anomaly", "created_at", "firmware", "ota_state", "ota_version", "mqtt_credential",
     ]
     inlines = [RecentReadingInline]
-    actions = ["adjust_balance", "push_balance", "release_held_energy", "dismiss_held_energy"]
+    actions = [
+        "adjust_balance", "push_balance", "release_held_energy", "dismiss_held_energy", "issue_credentials",
+        "revoke_credentials",
+    ]
+
+    # Each action needs the permission of its staff role (portal's staff-roles migration).
+    def has_adjust_permission(self, request):
+        return request.user.has_perm("meters.adjust_balance")
+
+    def has_resend_permission(self, request):
+        return request.user.has_perm("meters.resend_balance")
+
+    def has_review_permission(self, request):
+        return request.user.has_perm("meters.review_registers")
+
+    def has_credentials_permission(self, request):
+        return request.user.has_perm("meters.manage_credentials")
+
+    @admin.display(description="MQTT credential")
+    def mqtt_credential(self, obj):
+        credential = MeterCredential.objects.filter(meter=obj).first()
+        if credential is None:
+            return "none issued"
+        if credential.revoked_at:
+            return f"revoked {credential.revoked_at:%Y-%m-%d %H:%M} by {credential.revoked_by}"
+        return f"issued {credential.issued_at:%Y-%m-%d %H:%M} by {credential.issued_by}"
+
+    def _credentials_page(self, request, issued):
+        return render(request, "admin/meters/credentials_issued.html", {
+            **self.admin_site.each_context(request), "title": "New MQTT passwords", "issued": issued,
+            "opts": self.model._meta, "back": reverse("admin:meters_meter_changelist"),
+        })
+
+    def response_add(self, request, obj, post_url_continue=None):
+        # The new meter's broker password, this once (not in a message: those outlive the page).
+        if getattr(obj, "issued_password", None):
+            return self._credentials_page(request, [(obj.meter_no, obj.issued_password)])
+        return super().response_add(request, obj, post_url_continue)
+
+    @admin.action(description="MQTT: issue a new password (shown once)", permissions=["credentials"])
+    def issue_credentials(self, request, queryset):
+        issued = [(m.meter_no, services.meter_credential_issue(meter_no=m.meter_no, actor=request.user)) for m in queryset]
+        return self._credentials_page(request, issued)
+
+    @admin.action(description="MQTT: revoke the password (the broker refuses the meter)", permissions=["credentials"])
+    def revoke_credentials(self, request, queryset):
+        for meter in queryset:
+            services.meter_credential_revoke(meter_no=meter.meter_no, actor=request.user)
+        self.message_user(request, f"Revoked the MQTT password of {queryset.count()} meter(s).", messages.SUCCESS)
 
     def get_readonly_fields(self, request, obj=None):
         # The meter number is the device's identity: set once at provisioning.
         return self.readonly_fields + (["meter_no"] if obj else [])
 
-    @admin.action(description="Adjust balance (with a reason)")
+    @admin.action(description="Adjust balance (with a reason)", permissions=["adjust"])
     def adjust_balance(self, request, queryset):
         if "apply" in request.POST:
             form = AdjustmentForm(request.POST)
             if form.is_valid():
-                done = 0
+                done = waiting = 0
                 for meter in queryset:
                     try:
-                        services.ledger_adjust(
+                        outcome = adjustments.adjustment_request(
                             meter_no=meter.meter_no,
                             units_kwh=form.cleaned_data["units_kwh"],
                             reason=form.cleaned_data["reason"],
                             actor=request.user,
                         )
-                        done += 1
                     except DomainError as error:
                         self.message_user(request, f"{meter.meter_no}: {error.message}", messages.ERROR)
+                        continue
+                    waiting += outcome.pending
+                    done += not outcome.pending
                 if done:
                     self.message_user(request, f"Adjusted {done} meter(s).", messages.SUCCESS)
+                if waiting:
+                    self.message_user(
+                        request, f"{waiting} adjustment(s) above {adjustments.approval_threshold_kwh()} kWh wait for a "
+                        "second staff member's approval (Adjustment requests).", messages.WARNING,
+                    )
                 return None
         else:
             form = AdjustmentForm()
@@ -263,17 +322,17 @@ class MeterAdmin(admin.ModelAdmin):
             "action": request.POST.get("action"), "opts": self.model._meta,
         })
 
-    @admin.action(description="Held energy: it was drawn, debit it")
+    @admin.action(description="Held energy: it was drawn, debit it", permissions=["review"])
     def release_held_energy(self, request, queryset):
         return self._decide(request, queryset, title="Release held energy (debit it)", service=registers.energy_held_release,
                             done="held energy debited")
 
-    @admin.action(description="Held energy: it was not real, forget it")
+    @admin.action(description="Held energy: it was not real, forget it", permissions=["review"])
     def dismiss_held_energy(self, request, queryset):
         return self._decide(request, queryset, title="Dismiss held energy (not debited)",
                             service=registers.energy_held_dismiss, done="held energy dismissed")
 
-    @admin.action(description="Send the current balance to the meter")
+    @admin.action(description="Send the current balance to the meter", permissions=["resend"])
     def push_balance(self, request, queryset):
         for meter in queryset:
             services.meter_command_queue_balance(meter_no=meter.meter_no, reason="resync", actor=request.user.get_username())
@@ -284,14 +343,16 @@ class MeterAdmin(admin.ModelAdmin):
         if change:
             services.meter_update(meter_no=obj.meter_no, owner=obj.owner, tariff=obj.tariff, rated_max_kw=obj.rated_max_kw)
         else:
-            saved = services.meter_provision(meter_no=obj.meter_no, owner=obj.owner, tariff=obj.tariff,
-                                             rated_max_kw=obj.rated_max_kw)
-            obj.pk = saved.pk
+            saved = services.meter_provision(
+                meter_no=obj.meter_no, owner=obj.owner, tariff=obj.tariff, rated_max_kw=obj.rated_max_kw,
+                actor=request.user.get_username(),
+            )
+            obj.pk, obj.issued_password = saved.pk, saved.issued_password
 
 
 @admin.register(LedgerEntry)
 class LedgerEntryAdmin(ReadOnlyAdmin):
-    list_display = ["id", "created_at", "meter", "kind", "units_kwh", "amount_kes", "actor", "reason"]
+    list_display = ["id", "created_at", "meter", "kind", "units_kwh", "amount_kes", "actor", "approved_by", "reason"]
     list_filter = ["kind", "created_at"]
     search_fields = ["meter__meter_no", "idempotency_key", "actor", "reason"]
     list_select_related = ["meter"]
@@ -372,7 +433,7 @@ class RegisterHistoryAdmin(ReadOnlyAdmin):
     actions = ["confirm_reset", "merge_back"]
 
     def has_decide_permission(self, request):
-        return request.user.is_staff and request.user.has_perm("meters.change_meter")
+        return request.user.is_staff and request.user.has_perm("meters.review_registers")
 
     def _decide(self, request, queryset, *, title, service, done):
         if "apply" in request.POST:
@@ -403,3 +464,50 @@ class RegisterHistoryAdmin(ReadOnlyAdmin):
     def merge_back(self, request, queryset):
         return self._decide(request, queryset, title="Merge provisional histories back",
                             service=registers.register_history_merge, done="merged back")
+
+
+@admin.register(AdjustmentRequest)
+class AdjustmentRequestAdmin(ReadOnlyAdmin):
+    """Large adjustments waiting for a second staff member (meters.adjustments): approve (it posts,
+    once, with both names on the ledger entry) or reject with a note. Never edited by hand."""
+
+    list_display = ["id", "requested_at", "meter", "units_kwh", "reason", "requested_by", "status", "decided_by",
+                    "decided_at", "ledger_entry"]
+    list_filter = ["status"]
+    search_fields = ["meter__meter_no", "reason", "requested_by__username"]
+    list_select_related = ["meter", "requested_by", "decided_by"]
+    actions = ["approve", "reject"]
+
+    def has_approve_permission(self, request):
+        return request.user.has_perm("meters.approve_adjustment")
+
+    def _decide(self, request, queryset, *, approve: bool):
+        if "apply" in request.POST:
+            form = NoteForm(request.POST) if not approve else None
+            if approve or form.is_valid():
+                for item in queryset.filter(status=AdjustmentStatus.PENDING):
+                    try:
+                        if approve:
+                            adjustments.adjustment_approve(request_id=item.pk, approver=request.user)
+                        else:
+                            adjustments.adjustment_reject(request_id=item.pk, approver=request.user,
+                                                          note=form.cleaned_data["note"])
+                    except DomainError as error:
+                        self.message_user(request, f"Request {item.pk}: {error.message}", messages.ERROR)
+                        continue
+                    self.message_user(request, f"Request {item.pk} {'approved and posted' if approve else 'rejected'}",
+                                      messages.SUCCESS)
+                return None
+        return render(request, "admin/meters/note_action.html", {
+            **self.admin_site.each_context(request), "title": "Approve adjustments" if approve else "Reject adjustments",
+            "objects": queryset, "form": NoteForm() if not approve else forms.Form(), "action": request.POST.get("action"),
+            "opts": self.model._meta,
+        })
+
+    @admin.action(description="Approve: post the adjustment (a second staff member)", permissions=["approve"])
+    def approve(self, request, queryset):
+        return self._decide(request, queryset, approve=True)
+
+    @admin.action(description="Reject the adjustment (with a note)", permissions=["approve"])
+    def reject(self, request, queryset):
+        return self._decide(request, queryset, approve=False)

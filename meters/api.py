@@ -18,21 +18,24 @@ from rest_framework import generics, permissions, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from core.api import ERROR_FIELD_NAMES, IDEMPOTENCY_KEY_HEADER, idempotency_key_from
+from core.api import ERROR_FIELD_NAMES, IDEMPOTENCY_KEY_HEADER, StaffPermission, idempotency_key_from
 from core.errors import InvalidInput
 from core.rules import KWH_QUANTUM
-from meters import services
-from meters.models import Reading, Tariff
+from meters import adjustments, services
+from meters.models import AdjustmentRequest, AdjustmentStatus, Reading, Tariff
 from meters.selectors import ledger_statement, meter_get_for_user, meters_for_user
 from meters.serializers import (
+    AdjustmentDecisionSerializer,
     AdjustmentResultSerializer,
     AdjustmentSerializer,
     CommandSerializer,
+    CredentialIssuedSerializer,
     CustomerCreateSerializer,
     CustomerSerializer,
     MeterCreateSerializer,
     MeterSerializer,
     MeterUpdateSerializer,
+    PendingAdjustmentSerializer,
     ReadingsQuerySerializer,
     ReadingsSerializer,
     RelaySerializer,
@@ -42,7 +45,7 @@ from meters.serializers import (
 
 class StaffForWrites(permissions.BasePermission):
     """Object permission on a meter the caller can see: reading is for its owner and staff,
-    everything else for staff only."""
+    everything else for staff only (and then for the staff role the view names: StaffPermission)."""
 
     message = "Only utility staff may do this"
 
@@ -63,7 +66,8 @@ class MeterView(APIView):
     # The base of every view under meters/{meterNo}/ (a comment, not a docstring: DRF would
     # publish a docstring as each operation's description).
 
-    permission_classes = [permissions.IsAuthenticated, StaffForWrites]
+    permission_classes = [permissions.IsAuthenticated, StaffForWrites, StaffPermission]
+    staff_permission_on_object = True
     error_field_names = ERROR_FIELD_NAMES
 
     def get_meter(self):
@@ -80,7 +84,8 @@ def _default_tariff() -> Tariff:
 
 
 class MeterListView(generics.GenericAPIView):
-    permission_classes = [permissions.IsAuthenticated, StaffOnlyForWrites]
+    permission_classes = [permissions.IsAuthenticated, StaffOnlyForWrites, StaffPermission]
+    staff_permissions = {"POST": "meters.add_meter"}
     serializer_class = MeterSerializer
     error_field_names = ERROR_FIELD_NAMES
 
@@ -98,12 +103,18 @@ class MeterListView(generics.GenericAPIView):
         data.is_valid(raise_exception=True)
         values = data.validated_data
         meter = services.meter_provision(
-            meter_no=values["meterNo"], owner=values["owner"], tariff=values.get("tariff") or _default_tariff()
+            meter_no=values["meterNo"], owner=values["owner"], tariff=values.get("tariff") or _default_tariff(),
+            actor=request.user.get_username(),
         )
-        return Response(MeterSerializer(meter_get_for_user(user=request.user, meter_no=meter.meter_no)).data, status=201)
+        body = MeterSerializer(meter_get_for_user(user=request.user, meter_no=meter.meter_no)).data
+        # The meter's broker password, this once: it is stored only as the broker's hash.
+        body["mqtt"] = {"username": meter.meter_no, "password": meter.issued_password}
+        return Response(body, status=201)
 
 
 class MeterDetailView(MeterView):
+    staff_permissions = {"PATCH": "meters.change_meter"}
+
     @extend_schema(summary="One meter", responses=MeterSerializer)
     def get(self, request, meterNo):
         return Response(MeterSerializer(self.get_meter()).data)
@@ -210,18 +221,21 @@ class ReadingsView(MeterView):
 
 
 class AdjustmentView(MeterView):
+    staff_permissions = {"POST": "meters.adjust_balance"}
+
     @extend_schema(
-        summary="A ledger adjustment (staff), through the same service as the admin",
+        summary="A ledger adjustment (staff), through the same service as the admin; above ADJUSTMENT_APPROVAL_KWH it "
+                "waits for a second staff member (202, see adjustment-requests/)",
         request=AdjustmentSerializer,
         parameters=[IDEMPOTENCY_KEY_HEADER],
-        responses={201: AdjustmentResultSerializer, 200: AdjustmentResultSerializer},
+        responses={201: AdjustmentResultSerializer, 200: AdjustmentResultSerializer, 202: PendingAdjustmentSerializer},
     )
     def post(self, request, meterNo):
         meter = self.get_meter()
         data = AdjustmentSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         key = idempotency_key_from(request)
-        posting = services.ledger_adjust(
+        outcome = adjustments.adjustment_request(
             meter_no=meter.meter_no,
             units_kwh=data.validated_data["units"],
             reason=data.validated_data["reason"],
@@ -230,11 +244,16 @@ class AdjustmentView(MeterView):
             # collide with another's (or with the M-Pesa and meter keys).
             idempotency_key=f"api-adjust:{request.user.pk}:{key}" if key else None,
         )
+        if outcome.pending:
+            return Response(PendingAdjustmentSerializer(outcome.request).data, status=status.HTTP_202_ACCEPTED)
+        posting = outcome.posting
         body = {"entry": posting.entry, "balance": posting.balance_kwh, "created": posting.created}
         return Response(AdjustmentResultSerializer(body).data, status=201 if posting.created else 200)
 
 
 class ResyncView(MeterView):
+    staff_permissions = {"POST": "meters.resend_balance"}
+
     @extend_schema(summary="Queue a balance command to the meter (staff)", request=None, responses={202: CommandSerializer})
     def post(self, request, meterNo):
         meter = self.get_meter()
@@ -245,6 +264,8 @@ class ResyncView(MeterView):
 
 
 class RelayView(MeterView):
+    staff_permissions = {"POST": "meters.command_relay"}
+
     @extend_schema(
         summary="Queue a relay override to the meter (staff)", request=RelaySerializer, responses={202: CommandSerializer}
     )
@@ -262,7 +283,8 @@ class RelayView(MeterView):
 
 
 class CustomerCreateView(APIView):
-    permission_classes = [permissions.IsAdminUser]
+    permission_classes = [permissions.IsAdminUser, StaffPermission]
+    staff_permissions = {"POST": "meters.add_customer"}
     error_field_names = ERROR_FIELD_NAMES
 
     @extend_schema(
@@ -273,3 +295,52 @@ class CustomerCreateView(APIView):
         data.is_valid(raise_exception=True)
         customer = services.customer_create(**data.validated_data)
         return Response(CustomerSerializer(customer).data, status=status.HTTP_201_CREATED)
+
+
+class CredentialView(MeterView):
+    staff_permissions = {"POST": "meters.manage_credentials", "DELETE": "meters.manage_credentials"}
+
+    @extend_schema(summary="Issue or rotate the meter's MQTT password (staff): shown this once", request=None,
+                   responses={201: CredentialIssuedSerializer})
+    def post(self, request, meterNo):
+        meter = self.get_meter()
+        password = services.meter_credential_issue(meter_no=meter.meter_no, actor=request.user)
+        return Response(CredentialIssuedSerializer({"username": meter.meter_no, "password": password}).data, status=201)
+
+    @extend_schema(summary="Revoke the meter's MQTT password (staff): the broker refuses it from its next reload",
+                   request=None, responses={204: None})
+    def delete(self, request, meterNo):
+        services.meter_credential_revoke(meter_no=self.get_meter().meter_no, actor=request.user)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class AdjustmentRequestListView(generics.GenericAPIView):
+    permission_classes = [permissions.IsAdminUser, StaffPermission]
+    staff_permissions = {"GET": "meters.view_adjustmentrequest"}
+    serializer_class = PendingAdjustmentSerializer
+
+    @extend_schema(summary="Adjustment requests awaiting a second staff member, oldest first (staff)",
+                   responses=PendingAdjustmentSerializer(many=True))
+    def get(self, request):
+        pending = AdjustmentRequest.objects.filter(status=AdjustmentStatus.PENDING).select_related("meter", "requested_by")
+        page = self.paginate_queryset(pending.order_by("id"))
+        return self.get_paginated_response(PendingAdjustmentSerializer(page, many=True).data)
+
+
+class AdjustmentDecisionView(APIView):
+    permission_classes = [permissions.IsAdminUser, StaffPermission]
+    staff_permissions = {"POST": "meters.approve_adjustment"}
+    error_field_names = {**ERROR_FIELD_NAMES, "request_id": "id"}
+    decision = "approve"
+
+    @extend_schema(summary="Approve (it posts, once) or reject a pending adjustment (a second staff member)",
+                   request=AdjustmentDecisionSerializer, responses={200: PendingAdjustmentSerializer})
+    def post(self, request, id: int):
+        data = AdjustmentDecisionSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        note = data.validated_data.get("note", "")
+        if self.decision == "approve":
+            decided = adjustments.adjustment_approve(request_id=id, approver=request.user, note=note).request
+        else:
+            decided = adjustments.adjustment_reject(request_id=id, approver=request.user, note=note)
+        return Response(PendingAdjustmentSerializer(decided).data)

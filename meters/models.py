@@ -141,6 +141,16 @@ class Meter(models.Model):
             models.CheckConstraint(condition=Q(rated_max_kw__gt=0), name="meter_rated_power_positive"),
             models.CheckConstraint(condition=Q(energy_held_kwh__gte=0), name="meter_held_not_negative"),
         ]
+        # Staff operations beyond Django's add/change/view (portal's staff-roles migration gives
+        # them to groups; the admin actions and the API check them).
+        permissions = [
+            ("adjust_balance", "Can request balance adjustments"),
+            ("approve_adjustment", "Can approve another staff member's large adjustment"),
+            ("resend_balance", "Can send a meter its current balance"),
+            ("command_relay", "Can override a meter's relay"),
+            ("review_registers", "Can decide register resets and held energy"),
+            ("manage_credentials", "Can issue, rotate and revoke meters' MQTT credentials"),
+        ]
 
     def __str__(self) -> str:
         return self.meter_no
@@ -214,6 +224,9 @@ class LedgerEntry(models.Model):
     idempotency_key = models.CharField(max_length=160, unique=True)
     reason = models.CharField(max_length=255, blank=True)
     actor = models.CharField(max_length=150, help_text="Who caused it: a username, 'mpesa', 'meter'")
+    # The second staff member of a four-eyes adjustment (meters.adjustments). A database default,
+    # because the ingest's COPY of consumption debits names its columns and leaves this one out.
+    approved_by = models.CharField(max_length=150, blank=True, db_default="", default="")
     # Time-range queries use a BRIN index on PostgreSQL (migration 0005): rows arrive in time
     # order, and a B-tree here was one more write per report on the ingest hot path.
     created_at = models.DateTimeField(default=timezone.now)
@@ -399,6 +412,75 @@ class FirebaseMirror(models.Model):
 
     def __str__(self) -> str:
         return f"{self.meter_id} v{self.version} (synced v{self.synced_version})"
+
+
+class MeterCredential(models.Model):
+    """A meter's MQTT password (its broker username is its meterNo), kept only as the hash the
+    broker's `password_file` holds (core.broker_auth), so `manage.py mqtt_auth export` can write
+    the broker's files from the database and nobody can read a password back. A revoked meter
+    keeps its row (who revoked it and when) with no hash: the broker refuses it."""
+
+    meter = models.OneToOneField(Meter, on_delete=models.CASCADE, primary_key=True, related_name="mqtt_credential")
+    password_hash = models.CharField(max_length=200, blank=True)
+    issued_at = models.DateTimeField(default=timezone.now)
+    issued_by = models.CharField(max_length=150)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revoked_by = models.CharField(max_length=150, blank=True)
+    # Bumped by every issue and revocation: the broker-file exporter's change marker.
+    changed_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(revoked_at__isnull=True, password_hash__startswith="$7$")
+                | Q(revoked_at__isnull=False, password_hash=""),
+                name="credential_hash_unless_revoked",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.meter_id} ({'revoked' if self.revoked_at else 'active'})"
+
+
+class AdjustmentStatus(models.TextChoices):
+    PENDING = "pending", "Awaiting a second staff member"
+    APPROVED = "approved", "Approved and posted"
+    REJECTED = "rejected", "Rejected"
+
+
+class AdjustmentRequest(models.Model):
+    """A balance adjustment above ADJUSTMENT_APPROVAL_KWH: it posts only once a second staff
+    member approves it (meters.adjustments), with both names on the ledger entry."""
+
+    meter = models.ForeignKey(Meter, on_delete=models.PROTECT, related_name="adjustment_requests")
+    units_kwh = kwh_field()
+    reason = models.CharField(max_length=255)
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    requested_at = models.DateTimeField(default=timezone.now)
+    idempotency_key = models.CharField(max_length=160, unique=True)
+    status = models.CharField(max_length=12, choices=AdjustmentStatus.choices, default=AdjustmentStatus.PENDING)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decision_note = models.CharField(max_length=255, blank=True)
+    ledger_entry = models.OneToOneField(LedgerEntry, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            models.CheckConstraint(condition=~Q(units_kwh=0), name="adjustment_request_not_zero"),
+            models.CheckConstraint(
+                condition=~Q(status="approved") | Q(ledger_entry__isnull=False), name="adjustment_approved_has_entry"
+            ),
+            models.CheckConstraint(
+                condition=Q(decided_by__isnull=True) | ~Q(decided_by=models.F("requested_by")),
+                name="adjustment_four_eyes",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.units_kwh} kWh on {self.meter_id} ({self.status})"
 
 
 # Firmware releases and rollouts (meters.ota) are models of this app, defined in their module.

@@ -3,13 +3,13 @@
 from datetime import datetime
 from decimal import Decimal
 
-from django.db.models import DecimalField, F, QuerySet, Sum, Value, Window
+from django.db.models import Count, DecimalField, F, Max, QuerySet, Sum, Value, Window
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from core.errors import NotFound
 from core.rules import KES_QUANTUM, KWH_QUANTUM, valid_meter_no
-from meters.models import CommandKind, CommandStatus, LedgerEntry, Meter, MeterCommand, Reading, Tariff
+from meters.models import CommandKind, CommandStatus, LedgerEntry, Meter, MeterCommand, MeterCredential, Reading, Tariff
 from meters.validation import validate_meter_no
 
 
@@ -134,3 +134,17 @@ def ledger_mismatches() -> list[tuple[str, Decimal, Decimal]]:
 
 def recent_readings(*, meter: Meter, limit: int = 20) -> QuerySet[Reading]:
     return Reading.objects.filter(meter=meter).order_by("-id")[:limit]
+
+
+def meter_broker_accounts() -> list[tuple[str, str]]:
+    """(meterNo, broker password hash) of every meter that may connect (meters.MeterCredential)."""
+    return list(
+        MeterCredential.objects.filter(revoked_at__isnull=True)
+        .order_by("meter__meter_no")
+        .values_list("meter__meter_no", "password_hash")
+    )
+
+
+def meter_broker_accounts_marker() -> tuple:
+    """Changes whenever a meter's credential is issued, rotated or revoked (cheap to poll)."""
+    return tuple(MeterCredential.objects.aggregate(n=Count("pk"), last=Max("changed_at")).values())

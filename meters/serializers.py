@@ -59,6 +59,7 @@ class LedgerEntrySerializer(serializers.Serializer):
     amountKes = serializers.DecimalField(source="amount_kes", allow_null=True, **KES_FIELD)
     reason = serializers.CharField()
     actor = serializers.CharField()
+    approvedBy = serializers.CharField(source="approved_by", help_text="The second staff member of a large adjustment")
     createdAt = serializers.DateTimeField(source="created_at")
 
 
@@ -75,6 +76,28 @@ class AdjustmentResultSerializer(serializers.Serializer):
     entry = LedgerEntrySerializer()
     balance = serializers.DecimalField(help_text="The meter's balance after the adjustment", **KWH_FIELD)
     created = serializers.BooleanField(help_text="False when an Idempotency-Key repeated an earlier adjustment")
+
+
+class PendingAdjustmentSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    meterNo = serializers.CharField(source="meter.meter_no")
+    units = serializers.DecimalField(source="units_kwh", **KWH_FIELD)
+    reason = serializers.CharField()
+    status = serializers.CharField(help_text="pending (awaiting a second staff member), approved, rejected")
+    requestedBy = serializers.CharField(source="requested_by.username")
+    requestedAt = serializers.DateTimeField(source="requested_at")
+    decidedBy = serializers.CharField(source="decided_by.username", allow_null=True, default=None)
+    decidedAt = serializers.DateTimeField(source="decided_at", allow_null=True)
+    entryId = serializers.IntegerField(source="ledger_entry_id", allow_null=True, help_text="The posting, once approved")
+
+
+class AdjustmentDecisionSerializer(serializers.Serializer):
+    note = Text(max_length=255, required=False, allow_blank=True, help_text="Why (required to reject)")
+
+
+class CredentialIssuedSerializer(serializers.Serializer):
+    username = serializers.CharField(help_text="The meter's broker username: its meterNo")
+    password = serializers.CharField(help_text="Shown this once; stored only as the broker's hash")
 
 
 class RelaySerializer(serializers.Serializer):

@@ -24,6 +24,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from core.broker_auth import mosquitto_hash, new_password
 from core.errors import Conflict, InvalidInput, NotFound
 from core.rules import KES_QUANTUM, KWH_QUANTUM, MAX_POSTING_KWH
 from meters.events import send_meter_events_on_commit
@@ -36,6 +37,7 @@ from meters.models import (
     LedgerKind,
     Meter,
     MeterCommand,
+    MeterCredential,
     RelayOverride,
     Tariff,
 )
@@ -142,6 +144,7 @@ def _post_entry_locked(
     actor: str,
     reason: str,
     amount_kes: Decimal | None,
+    approved_by: str = "",
 ) -> Posting:
     """Append one entry to the ledger of `meter`, whose row the caller has locked."""
     key = _check_key(idempotency_key)
@@ -163,6 +166,7 @@ def _post_entry_locked(
                 idempotency_key=key,
                 reason=reason[:255],
                 actor=actor[:150],
+                approved_by=approved_by[:150],
             )
     except IntegrityError:
         existing = LedgerEntry.objects.get(idempotency_key=key)
@@ -263,9 +267,10 @@ def ledger_credit_purchase(
 
 
 def ledger_adjust(
-    *, meter_no: str, units_kwh, reason: str, actor, idempotency_key: str | None = None
+    *, meter_no: str, units_kwh, reason: str, actor, idempotency_key: str | None = None, approved_by: str = ""
 ) -> Posting:
-    """A staff correction: signed units, a reason and who did it. Also tells the meter."""
+    """A staff correction: signed units, a reason and who did it (and, for a four-eyes
+    adjustment, who approved it: meters.adjustments). Also tells the meter."""
     units = to_decimal(units_kwh, field="units_kwh", places=KWH_QUANTUM)
     if not isinstance(reason, str) or not reason.strip():
         raise InvalidInput("An adjustment needs a reason", field="reason")
@@ -276,7 +281,7 @@ def ledger_adjust(
         return post_entry_and_tell_meter_locked(
             meter_lock(meter_no=meter_no), command_reason="adjustment", kind=LedgerKind.ADJUSTMENT, units_kwh=units,
             idempotency_key=idempotency_key or f"adjust:{uuid.uuid4()}", actor=str(actor_name), reason=reason.strip(),
-            amount_kes=None,
+            amount_kes=None, approved_by=approved_by,
         )
 
 
@@ -430,19 +435,26 @@ def _rated_power(value) -> Decimal:
     return rated
 
 
-def meter_provision(*, meter_no: str, owner: Customer | None, tariff: Tariff, rated_max_kw=None) -> Meter:
+def meter_provision(
+    *, meter_no: str, owner: Customer | None, tariff: Tariff, rated_max_kw=None, actor: str = "provisioning"
+) -> Meter:
+    """A new meter with its MQTT credential. The password exists in clear only on the returned
+    object (`meter.issued_password`), for the admin and the API to show once; it is not stored."""
     validate_meter_no(meter_no)
     extra = {} if rated_max_kw is None else {"rated_max_kw": _rated_power(rated_max_kw)}
     try:
         with transaction.atomic():
-            return Meter.objects.create(meter_no=meter_no, owner=owner, tariff=tariff, **extra)
+            meter = Meter.objects.create(meter_no=meter_no, owner=owner, tariff=tariff, **extra)
+            meter.issued_password = _credential_issue_locked(meter, actor=actor)
+            return meter
     except IntegrityError:
         raise Conflict(f"Meter {meter_no} already exists", field="meter_no") from None
 
 
 def meter_provision_many(*, meter_nos: list[str], tariff: Tariff) -> int:
     """Provision a fleet without owners in few statements (an import, a benchmark); refuses the
-    whole list if any number is invalid or already exists."""
+    whole list if any number is invalid or already exists. No MQTT credentials are issued here
+    (nobody could see them): staff issue each meter's with `meter_credential_issue`."""
     for meter_no in meter_nos:
         validate_meter_no(meter_no)
     try:
@@ -500,3 +512,48 @@ def firebase_mirror_mark(*, meter_ids: list[int], at=None) -> None:
                 f"INSERT INTO {table} (meter_id, version, synced_version, marked_at) VALUES (%s, 1, 0, %s)" + upsert,
                 [(meter_id, at) for meter_id in ids],
             )
+
+
+# ---- MQTT credentials (meters.MeterCredential; the broker's files: `manage.py mqtt_auth`) ------
+
+
+def _credential_issue_locked(meter: Meter, *, actor: str) -> str:
+    password = new_password()
+    now = timezone.now()
+    MeterCredential.objects.update_or_create(
+        meter=meter,
+        defaults={"password_hash": mosquitto_hash(password), "issued_at": now, "issued_by": str(actor)[:150],
+                  "revoked_at": None, "revoked_by": "", "changed_at": now},
+    )
+    return password
+
+
+def meter_credential_issue(*, meter_no: str, actor) -> str:
+    """A new MQTT password for the meter (first issue, rotation or re-issue after a revocation);
+    the old one stops working at the broker's next reload. Returns the password: the only time
+    it exists in clear (it is to be shown once and put on the device)."""
+    with transaction.atomic():
+        return _credential_issue_locked(meter_lock(meter_no=meter_no), actor=_actor_name(actor))
+
+
+def meter_credential_revoke(*, meter_no: str, actor) -> MeterCredential:
+    """The meter may no longer connect: its hash is dropped (the row stays, saying who and when).
+    The broker disconnects it at its next reload (`mqtt_auth export --reload` / `watch`)."""
+    name = _actor_name(actor)
+    with transaction.atomic():
+        meter = meter_lock(meter_no=meter_no)
+        now = timezone.now()
+        credential, _ = MeterCredential.objects.update_or_create(
+            meter=meter,
+            defaults={"password_hash": "", "revoked_at": now, "revoked_by": name, "changed_at": now},
+            create_defaults={"password_hash": "", "issued_by": name, "revoked_at": now, "revoked_by": name,
+                             "changed_at": now},
+        )
+    return credential
+
+
+def _actor_name(actor) -> str:
+    name = str(getattr(actor, "get_username", lambda: actor)() or "")
+    if not name:
+        raise InvalidInput("Say who does this", field="actor")
+    return name[:150]

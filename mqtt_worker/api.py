@@ -5,6 +5,7 @@ import base64
 from drf_spectacular.utils import extend_schema
 from rest_framework import generics, permissions, serializers
 
+from core.api import StaffPermission
 from mqtt_worker.models import DeadLetter
 
 
@@ -22,7 +23,8 @@ class DeadLetterSerializer(serializers.Serializer):
 
 
 class DeadLetterListView(generics.GenericAPIView):
-    permission_classes = [permissions.IsAdminUser]
+    permission_classes = [permissions.IsAdminUser, StaffPermission]
+    staff_permissions = {"GET": "mqtt_worker.view_deadletter"}
     serializer_class = DeadLetterSerializer
 
     @extend_schema(summary="Rejected MQTT messages, newest first (staff)", responses=DeadLetterSerializer(many=True))

@@ -21,9 +21,11 @@ def tune_socket(sock) -> None:
         pass
 
 
-def configure_client(client: mqtt.Client) -> None:
-    """Credentials and TLS from settings.MQTT (parsed from MQTT_URL) and MQTT_CA_FILE."""
-    config = settings.MQTT
+def configure_client(client: mqtt.Client, config: dict | None = None) -> None:
+    """Credentials and TLS from `config` (default settings.MQTT, parsed from MQTT_URL; the
+    publisher's is settings.MQTT_PUBLISHER) and MQTT_CA_FILE: the broker's certificate is
+    verified against that CA (or the system's), host name included."""
+    config = config or settings.MQTT
     if config.get("username"):
         client.username_pw_set(config["username"], config.get("password") or None)
     if config.get("tls"):

@@ -22,3 +22,21 @@ class DeadLetter(models.Model):
     def payload_text(self) -> str:
         """The payload as text, with bytes that are not UTF-8 escaped (\\xNN), for display."""
         return bytes(self.payload).decode("utf-8", errors="backslashreplace")
+
+
+class BrokerServiceUser(models.Model):
+    """A backend process's broker user (`backend.ingest`, `backend.publisher`): what it may do on
+    the broker and its password as the broker's hash (core.broker_auth). The meters' own users
+    are meters.MeterCredential; `manage.py mqtt_auth export` writes both into the broker's files."""
+
+    username = models.CharField(max_length=48, unique=True)
+    can_ingest = models.BooleanField(default=False, help_text="Reads the meters' reports")
+    can_publish = models.BooleanField(default=False, help_text="Publishes commands to meters")
+    password_hash = models.CharField(max_length=200)
+    changed_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["username"]
+
+    def __str__(self) -> str:
+        return self.username

@@ -22,6 +22,7 @@ from django.conf import settings
 from django.utils import timezone
 from paho.mqtt.enums import CallbackAPIVersion
 
+from core import metrics
 from meters.models import CommandKind, MeterCommand
 from meters.ota.selectors import release_for_command
 from meters.ota.services import release_image_url
@@ -45,17 +46,27 @@ class Publisher:
         self._connected = threading.Event()
         client_id = f"{settings.MQTT_PUBLISHER_CLIENT_ID}-{socket.gethostname()}-{self.pid}"[:64]
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        configure_client(self.client)
+        configure_client(self.client, settings.MQTT_PUBLISHER)
         # A small in-flight window: paho slows sharply with a large one (measured).
         self.client.max_inflight_messages_set(100)
         self.client.on_socket_open = lambda client, userdata, sock: tune_socket(sock)
-        self.client.on_connect = lambda client, userdata, flags, code, props: (
-            self._connected.set() if not code.is_failure else logger.error("Broker refused publisher: %s", code)
-        )
-        self.client.on_disconnect = lambda *args: self._connected.clear()
-        config = settings.MQTT
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        config = settings.MQTT_PUBLISHER
         self.client.connect_async(config["host"], config["port"], keepalive=30)
         self.client.loop_start()
+
+    def _on_connect(self, client, userdata, flags, code, properties) -> None:
+        if code.is_failure:
+            logger.error("Broker refused publisher: %s", code)
+            return
+        metrics.MQTT_CONNECTS.labels("publisher").inc()
+        metrics.MQTT_CONNECTED.labels("publisher").set(1)
+        self._connected.set()
+
+    def _on_disconnect(self, *args) -> None:
+        metrics.MQTT_CONNECTED.labels("publisher").set(0)
+        self._connected.clear()
 
     def wait_connected(self, timeout: float = CONNECT_TIMEOUT_S) -> bool:
         return self._connected.wait(timeout)
@@ -118,6 +129,7 @@ def publish_commands(command_ids: list[int]) -> int:
         infos.append((command.id, topic, publisher.publish(topic, command.payload)))
     deadline = time.monotonic() + PUBACK_TIMEOUT_S
     acked = []
+    kinds = {command.id: command.kind for command in claimed}
     for command_id, topic, info in infos:
         try:
             info.wait_for_publish(max(deadline - time.monotonic(), 0.001))
@@ -126,6 +138,7 @@ def publish_commands(command_ids: list[int]) -> int:
             continue
         if info.is_published():
             acked.append(command_id)
+            metrics.COMMANDS_SENT.labels(kinds[command_id]).inc()
     meter_commands_mark_sent(command_ids=acked)
     if len(acked) < len(infos):
         logger.warning("%d of %d commands without PUBACK; they stay queued", len(infos) - len(acked), len(infos))

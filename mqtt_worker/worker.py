@@ -34,6 +34,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from core import metrics
 from meters.events import ConsumptionEvents, group_send_events, live_events
 from mqtt_worker.client import configure_client, tune_socket
 from mqtt_worker.codec import report_subscriptions
@@ -53,6 +54,7 @@ class _Received:
     mid: int
     qos: int
     message: Message
+    received: float  # time.perf_counter() at arrival (publish→commit metric)
 
 
 class EventSender(threading.Thread):
@@ -164,6 +166,8 @@ class IngestWorker:
             logger.error("Connection refused by broker: %s", reason_code)
             return
         self._generation += 1
+        metrics.MQTT_CONNECTS.labels("ingest").inc()
+        metrics.MQTT_CONNECTED.labels("ingest").set(1)
         logger.info(
             "Connected to broker as %s (session %s)", self.client_id, "resumed" if flags.session_present else "new"
         )
@@ -180,6 +184,7 @@ class IngestWorker:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
+        metrics.MQTT_CONNECTED.labels("ingest").set(0)
         if not self._stop.is_set():
             logger.warning("Disconnected from broker (%s); reconnecting", reason_code)
 
@@ -188,7 +193,7 @@ class IngestWorker:
         # pushes back to the broker: the broker's ReceiveMaximum window alone does not bound
         # the inbox after a stall on Mosquitto 2.0.11 (see connect()), and an unbounded inbox
         # then holds the whole backlog in memory.
-        item = _Received(self._generation, msg.mid, msg.qos, Message(msg.topic, msg.payload))
+        item = _Received(self._generation, msg.mid, msg.qos, Message(msg.topic, msg.payload), time.perf_counter())
         while True:
             try:
                 self._inbox.put(item, timeout=0.5)
@@ -295,6 +300,7 @@ class IngestWorker:
     def _commit_in_order(self, batch: list[_Received], locked: threading.Event) -> tuple[BatchResult, float, int] | None:
         messages = [item.message for item in batch]
         delay = 0.5
+        first_try = time.perf_counter()
         while True:
             close_old_connections()
             try:
@@ -312,6 +318,7 @@ class IngestWorker:
                     logger.warning("Stopping without committing %d messages; the broker will redeliver them", len(batch))
                     return None
                 delay = min(delay * 2, 10.0)
+        metrics.BATCH_DB_SECONDS.observe(time.perf_counter() - first_try)
         return result, started, time.time_ns()
 
     def _ack_and_report(self, batch: list[_Received], outcome: tuple[BatchResult, float, int] | None) -> None:
@@ -320,10 +327,29 @@ class IngestWorker:
             return
         result, started, committed = outcome
         self._ack(batch)
+        self._record(batch, result)
         self._events.put(result.events)
         self._log(result, len(batch), time.perf_counter() - started)
         if self.trace_path:
             self._trace(committed, batch)
+
+    def _record(self, batch: list[_Received], result: BatchResult) -> None:
+        """The batch in the metrics (core.metrics), after its acks. Latency once per batch, of its
+        oldest message (the batch's longest wait): an observation per message would cost the
+        main thread, which paces ingestion, more than the rest of this together."""
+        metrics.PUBLISH_TO_COMMIT.observe(time.perf_counter() - batch[0].received)
+        metrics.BATCH_SIZE.observe(len(batch))
+        received = metrics.MESSAGES_RECEIVED
+        for kind, count in (("consumption", result.consumption - result.duplicates), ("duplicate", result.duplicates),
+                            ("status", result.statuses), ("balance", result.balance_reports)):
+            if count:
+                received.labels(kind).inc(count)
+        if result.dead_letters:
+            metrics.DEAD_LETTERS.inc(result.dead_letters)
+        online = sum(status == "online" for o in result.outcomes for _, status in o.status_items)
+        if online:
+            metrics.METER_RECONNECTIONS.inc(online)
+        metrics.add_kwh(metrics.CONSUMPTION_KWH, result.debited_kwh)
 
     def _ack(self, batch: list[_Received]) -> None:
         """PUBACKs in arrival order, as one write. `client.ack()` per message queues a packet,

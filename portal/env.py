@@ -6,11 +6,24 @@ with a message that says which one (as healthchecks does: `True`/`False` only, n
 
 import dataclasses
 import os
+from decimal import Decimal, InvalidOperation
 from urllib.parse import unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
+from dotenv import load_dotenv
 
 from core.rules import parse_mqtt_url
+
+
+def load_env_file(base_dir) -> None:
+    """Read the checkout's `.env` (or the file ENV_FILE names; ENV_FILE empty: none) into the
+    environment, under what is already set: the environment always wins, so
+    `DATABASE_URL=postgres://… make run` and `DEBUG=False python manage.py check` mean what they
+    say even with a `.env`. Every process reads it through the settings (manage.py, daphne,
+    Celery, the worker, the simulator), so nothing needs an activated venv or honcho."""
+    path = os.environ.get("ENV_FILE", str(base_dir / ".env"))
+    if path:
+        load_dotenv(path, override=False)
 
 
 def env_str(name: str, default: str | None = None) -> str:
@@ -44,6 +57,17 @@ def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
         raise ImproperlyConfigured(f"{name} must be an integer, got {value!r}") from None
     if minimum is not None and number < minimum:
         raise ImproperlyConfigured(f"{name} must be at least {minimum}, got {number}")
+    return number
+
+
+def env_decimal(name: str, default: str, *, minimum: Decimal | None = None) -> Decimal:
+    value = env_str(name, default)
+    try:
+        number = Decimal(value)
+    except InvalidOperation:
+        raise ImproperlyConfigured(f"{name} must be a decimal number, got {value!r}") from None
+    if not number.is_finite() or (minimum is not None and number < minimum):
+        raise ImproperlyConfigured(f"{name} must be a number of at least {minimum}, got {value!r}")
     return number
 
 

@@ -1,10 +1,12 @@
 """Settings: everything from environment variables, with defaults that work on one machine.
 
-`.env.example` documents every variable. `make run` copies it to `.env` (git-ignored) and honcho
-loads it into every process; nothing here reads `.env` itself, so tests see only what they set.
+`.env.example` documents every variable. `make run` copies it to `.env` (git-ignored), which
+these settings read under the environment (portal.env.load_env_file: a variable already set
+wins); the tests set ENV_FILE empty, so they see only what they set.
 """
 
 import os
+from decimal import Decimal
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -12,14 +14,17 @@ from django.core.exceptions import ImproperlyConfigured
 from portal.env import (
     database_from_url,
     env_bool,
+    env_decimal,
     env_int,
     env_list,
     env_str,
+    load_env_file,
     mqtt_from_url,
     redis_url_checked,
 )
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+load_env_file(BASE_DIR)
 
 DEBUG = env_bool("DEBUG", False)
 _DEV_SECRET = "dev-insecure-secret-key-only-for-DEBUG-True"
@@ -265,3 +270,94 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+
+
+# ---- Production (issue 12): broker accounts and TLS, HTTPS, staff roles, secrets, sign-in lockout,
+# metrics, alerts and notifications. One block; README "Going to production" walks through it.
+
+# MQTT. The command publisher has a broker user of its own (default: the worker's URL); the broker's
+# account files are written by `manage.py mqtt_auth` into MQTT_AUTH_DIR, and the broker named by
+# MQTT_BROKER_PID_FILE is sent SIGHUP to re-read them.
+MQTT_PUBLISHER_URL = env_str("MQTT_PUBLISHER_URL", MQTT_URL)
+MQTT_PUBLISHER = mqtt_from_url("MQTT_PUBLISHER_URL", MQTT_PUBLISHER_URL)
+if MQTT_CA_FILE and not os.path.isabs(MQTT_CA_FILE):
+    MQTT_CA_FILE = str(BASE_DIR / MQTT_CA_FILE)
+MQTT_AUTH_DIR = BASE_DIR / env_str("MQTT_AUTH_DIR", "var/mosquitto/auth")
+MQTT_BROKER_PID_FILE = BASE_DIR / env_str("MQTT_BROKER_PID_FILE", "var/mosquitto/mosquitto.pid")
+MQTT_AUTH_POLL_S = env_int("MQTT_AUTH_POLL_S", 2, minimum=1)
+
+# The web side behind TLS (a reverse proxy terminates it): secure cookies, HSTS, redirects to
+# https. On by default whenever DEBUG=False; HTTPS_ONLY=False only for a plain-HTTP test setup.
+HTTPS_ONLY = env_bool("HTTPS_ONLY", not DEBUG)
+if HTTPS_ONLY:
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = True
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]  # the load balancer's plain-HTTP health check
+    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
+    SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", True)
+# Only a proxy we trust (TRUSTED_PROXY_HOPS ≥ 1) may tell us the request came over https.
+if TRUSTED_PROXY_HOPS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+X_FRAME_OPTIONS = "DENY"
+
+# The M-Pesa callback secret is all that stands between a forger and a C2B credit.
+if not DEBUG and len(MPESA_CALLBACK_SECRET) < 32:
+    raise ImproperlyConfigured(
+        "MPESA_CALLBACK_SECRET must be a random string of 32+ characters when DEBUG=False "
+        "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+    )
+
+# Secrets never reach a log: the console handler and django.request mask them (portal.logsafety).
+LOGGING["filters"] = {"mask_secrets": {"()": "portal.logsafety.MaskSecrets"}}
+LOGGING["handlers"]["console"]["filters"] = ["mask_secrets"]
+LOGGING["loggers"]["django.request"] = {"filters": ["mask_secrets"]}
+
+# Sign-in lockout for the portal, the admin and the API's token sign-in (django-axes): per
+# account and, separately, per client address, read from the trusted proxy hop.
+INSTALLED_APPS += ["axes", "notifications"]
+MIDDLEWARE += ["axes.middleware.AxesMiddleware"]
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 10, minimum=1)
+AXES_COOLOFF_TIME = env_int("LOGIN_LOCKOUT_MINUTES", 15, minimum=1) / 60  # hours
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_RESET_ON_SUCCESS = True
+AXES_CLIENT_IP_CALLABLE = "portal.security.axes_client_ip"
+AXES_VERBOSE = False
+
+# Staff roles are Django groups (portal migration 0002_staff_roles); adjustments of more than
+# this many kWh either way wait for a second staff member (meters.adjustments).
+ADJUSTMENT_APPROVAL_KWH = env_decimal("ADJUSTMENT_APPROVAL_KWH", "50", minimum=Decimal("0"))
+
+# /metrics (Prometheus): staff session, `Authorization: Bearer METRICS_TOKEN`, or an address in
+# METRICS_ALLOWED_IPS. Processes on one host share PROMETHEUS_MULTIPROC_DIR (prometheus-client's).
+METRICS_TOKEN = env_str("METRICS_TOKEN", " ").strip()
+METRICS_ALLOWED_IPS = env_list("METRICS_ALLOWED_IPS", "")
+MIDDLEWARE.insert(0, "portal.metrics.RequestMetricsMiddleware")
+
+# Alerts and notifications (notifications app, Celery beat).
+METER_REPORT_INTERVAL_S = env_int("METER_REPORT_INTERVAL_S", 30, minimum=1)
+LOW_BALANCE_KWH = env_decimal("LOW_BALANCE_KWH", "5", minimum=Decimal("0"))
+COMMAND_ACK_ALERT_S = env_int("COMMAND_ACK_ALERT_S", 300, minimum=1)
+PAYMENT_CHECKING_ALERT_S = env_int("PAYMENT_CHECKING_ALERT_S", 600, minimum=1)
+DEAD_LETTER_SPIKE_COUNT = env_int("DEAD_LETTER_SPIKE_COUNT", 50, minimum=1)
+DEAD_LETTER_SPIKE_WINDOW_S = env_int("DEAD_LETTER_SPIKE_WINDOW_S", 300, minimum=1)
+NOTIFY_MAX_ATTEMPTS = env_int("NOTIFY_MAX_ATTEMPTS", 3, minimum=1)
+STAFF_ALERT_EMAILS = env_list("STAFF_ALERT_EMAILS", "")
+# SMS through Africa's Talking (its `africastalking` SDK). AFRICASTALKING_BASE_URL empty: the SDK's
+# own endpoints; `make run` and the tests: the stand-in `python -m devtools.fake_africastalking`.
+AFRICASTALKING_USERNAME = env_str("AFRICASTALKING_USERNAME", "sandbox")
+AFRICASTALKING_API_KEY = env_str("AFRICASTALKING_API_KEY", " ").strip()
+AFRICASTALKING_SENDER_ID = env_str("AFRICASTALKING_SENDER_ID", " ").strip()
+AFRICASTALKING_BASE_URL = env_str("AFRICASTALKING_BASE_URL", " ").strip().rstrip("/")
+# The portal's e-mail settings (issue 11) may set the backend above; without them, the console.
+globals().setdefault("EMAIL_BACKEND", env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend"))
+CELERY_BEAT_SCHEDULE.update({
+    # Offline meters, low balances, credited payments, stuck commands, payments to review,
+    # dead-letter spikes, register resets: each alert fires once (notification keys).
+    "alerts": {"task": "notifications.tasks.run_alerts", "schedule": 60.0, "options": {"expires": 120}},
+    # Sends what is due, retries what failed (e-mail and SMS).
+    "deliver-notifications": {"task": "notifications.tasks.deliver_notifications", "schedule": 10.0,
+                              "options": {"expires": 30}},
+})

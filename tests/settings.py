@@ -7,8 +7,12 @@ subprocesses that tests start (the MQTT worker, a Celery worker) inherit this mo
 import os
 
 os.environ.setdefault("SECRET_KEY", "test-secret-key-that-is-long-enough-for-django-checks")
-os.environ.setdefault("MPESA_CALLBACK_SECRET", "test-callback-secret")
+os.environ.setdefault("MPESA_CALLBACK_SECRET", "test-callback-secret-0123456789abcdef")
 os.environ.setdefault("DEBUG", "False")
+# The tests see only what they set: no .env of the checkout (subprocesses inherit this too).
+os.environ.setdefault("ENV_FILE", "")
+# DEBUG=False, but the test client and the live servers speak plain HTTP.
+os.environ.setdefault("HTTPS_ONLY", "False")
 
 from tests.support.provision import provision  # noqa: E402
 

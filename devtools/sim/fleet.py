@@ -174,6 +174,9 @@ class FleetOptions:
     power_kw: tuple[float, float] = (0.3, 3.0)  # household load range
     ota: OtaOptions | None = None  # meters that update over the air (command/ota)
     firmware: dict[str, str] = field(default_factory=dict)  # the version a meter runs at start (else SIM_FW_VERSION)
+    # Per-meter broker passwords (username = meterNo), as a broker with the project's ACL wants:
+    # each meter then has a connection of its own, as a real one does.
+    credentials: dict[str, str] | None = None
 
     def validate(self) -> None:
         if not self.meter_nos:
@@ -202,6 +205,10 @@ class FleetOptions:
         bad = [m for m, version in self.firmware.items() if not valid_fw_version(version)]
         if bad:
             raise ValueError(f"invalid firmware version for {', '.join(bad[:5])}")
+        if self.credentials is not None:
+            missing = [m for m in self.meter_nos if not self.credentials.get(m)]
+            if missing:
+                raise ValueError(f"no broker password for {', '.join(missing[:5])}")
 
 
 @dataclass
@@ -453,7 +460,10 @@ class Connection(threading.Thread):
     def _make_client(self) -> mqtt.Client:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
         broker = self.options.broker
-        if broker.username:
+        if self.options.credentials is not None:
+            (meter_no,) = self.meters
+            client.username_pw_set(meter_no, self.options.credentials[meter_no])
+        elif broker.username:
             client.username_pw_set(broker.username, broker.password)
         if broker.tls:
             client.tls_set(ca_certs=broker.ca_file, cert_reqs=ssl.CERT_REQUIRED)
@@ -675,7 +685,7 @@ class Fleet:
         options.validate()
         self.options = options
         self._stop = threading.Event()
-        count = min(options.connections, len(options.meter_nos))
+        count = len(options.meter_nos) if options.credentials is not None else min(options.connections, len(options.meter_nos))
         groups: list[list[str]] = [options.meter_nos[i::count] for i in range(count)]
         self.connections = [Connection(i, group, options, self._stop) for i, group in enumerate(groups)]
         self.started_at = 0.0

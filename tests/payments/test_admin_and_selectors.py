@@ -14,7 +14,7 @@ from tests.conftest import PASSWORD
 from tests.payments.fixtures import stk_success_for
 
 pytestmark = pytest.mark.django_db
-CALLBACK = "/payments/callbacks/stk/test-callback-secret/"
+CALLBACK = "/payments/callbacks/stk/test-callback-secret-0123456789abcdef/"
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def test_staff_see_payments_with_filters_and_raw_callbacks(payments, admin_clien
 
 
 def test_customers_cannot_reach_the_payments_admin(payments, client, alice):
-    client.login(username="alice", password=PASSWORD)
+    client.post("/accounts/login/", {"username": "alice", "password": PASSWORD})  # through axes
     response = client.get("/admin/payments/payment/")
     assert response.status_code == 302 and "/login/" in response["Location"]
 

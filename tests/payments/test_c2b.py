@@ -16,8 +16,8 @@ from payments.models import Callback, CallbackStatus, Payment, PaymentStatus
 from tests.payments.fixtures import C2B_REQUEST, c2b_request
 from tests.payments.helpers import wait_until
 
-VALIDATION = "/payments/callbacks/c2b/validation/test-callback-secret/"
-CONFIRMATION = "/payments/callbacks/c2b/confirmation/test-callback-secret/"
+VALIDATION = "/payments/callbacks/c2b/validation/test-callback-secret-0123456789abcdef/"
+CONFIRMATION = "/payments/callbacks/c2b/confirmation/test-callback-secret-0123456789abcdef/"
 
 
 def post(client, url: str, body: str):
@@ -112,7 +112,8 @@ def test_a_paybill_phone_that_is_not_masked_is_kept(client, alice_meter):
 
 @pytest.mark.django_db
 def test_a_wrong_secret_on_c2b_is_refused(client, alice_meter):
-    response = post(client, CONFIRMATION.replace("test-callback-secret", "guess"), c2b_request(bill_ref="METER-A1"))
+    wrong = CONFIRMATION.replace("test-callback-secret-0123456789abcdef", "guess")
+    response = post(client, wrong, c2b_request(bill_ref="METER-A1"))
     assert response.status_code == 404 and Callback.objects.count() == 0 and Payment.objects.count() == 0
 
 

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.django_db
 
 
 def test_owner_buys_units_once_even_if_the_form_is_sent_twice(client, alice_meter, fake_daraja):
-    client.login(username="alice", password=PASSWORD)
+    client.post("/accounts/login/", {"username": "alice", "password": PASSWORD})  # through axes
     page = client.get("/meters/METER-A1/")
     key = page.context["form"].initial["idempotency_key"]
     form = {"phone": "0712345678", "amount": "100", "idempotency_key": key}
@@ -24,7 +24,7 @@ def test_owner_buys_units_once_even_if_the_form_is_sent_twice(client, alice_mete
 
 
 def test_bad_phone_is_shown_on_the_form_and_nothing_starts(client, alice_meter, fake_daraja):
-    client.login(username="alice", password=PASSWORD)
+    client.post("/accounts/login/", {"username": "alice", "password": PASSWORD})  # through axes
     response = client.post("/meters/METER-A1/buy/", {"phone": "0999", "amount": "100", "idempotency_key": "k1"})
     assert response.status_code == 400
     assert "is not a Kenyan mobile number" in response.content.decode()
@@ -32,7 +32,7 @@ def test_bad_phone_is_shown_on_the_form_and_nothing_starts(client, alice_meter, 
 
 
 def test_another_customer_cannot_buy_for_alices_meter(client, alice_meter, bob, fake_daraja):
-    client.login(username="bob", password=PASSWORD)
+    client.post("/accounts/login/", {"username": "bob", "password": PASSWORD})  # through axes
     response = client.post("/meters/METER-A1/buy/", {"phone": "0712345678", "amount": "100", "idempotency_key": "k2"})
     assert response.status_code == 404
     assert not Payment.objects.exists()

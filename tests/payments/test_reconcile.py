@@ -17,6 +17,8 @@ from payments.models import Payment, PaymentAudit, PaymentStatus
 from payments.tasks import reconcile_pending_payments
 from tests.payments.fixtures import stk_success_for
 
+STK_CALLBACK = "/payments/callbacks/stk/test-callback-secret-0123456789abcdef/"
+
 pytestmark = pytest.mark.django_db
 
 
@@ -42,7 +44,7 @@ def test_a_missing_success_callback_is_resolved_by_query(push, fake_daraja):
     assert payment.paid_via == "query"
     assert payment.command == MeterCommand.objects.get() and payment.mpesa_receipt is None
     # The callback that finally arrives records the receipt and credits nothing more.
-    Client().post("/payments/callbacks/stk/test-callback-secret/", data=stk_success_for(payment),
+    Client().post(STK_CALLBACK, data=stk_success_for(payment),
                   content_type="application/json")
     payment.refresh_from_db()
     assert payment.mpesa_receipt == "NLJ7RT61SV" and LedgerEntry.objects.count() == 1
@@ -95,7 +97,7 @@ def test_a_query_never_downgrades_a_success_confirmed_by_callback(push, monkeypa
 
     def query_racing_a_callback(**kwargs):
         answer = real_query(**kwargs)
-        Client().post("/payments/callbacks/stk/test-callback-secret/", data=stk_success_for(payment),
+        Client().post(STK_CALLBACK, data=stk_success_for(payment),
                       content_type="application/json")
         return answer
 
@@ -107,7 +109,7 @@ def test_a_query_never_downgrades_a_success_confirmed_by_callback(push, monkeypa
 
 def test_settled_payments_are_not_queried(push, fake_daraja):
     payment = push("hold")
-    Client().post("/payments/callbacks/stk/test-callback-secret/", data=stk_success_for(payment), content_type="application/json")
+    Client().post(STK_CALLBACK, data=stk_success_for(payment), content_type="application/json")
     assert services.payment_query(payment_id=payment.pk).status == PaymentStatus.SUCCEEDED
     assert services.payments_reconcile()["queried"] == 0 and fake_daraja.state()["counts"]["stkquery"] == 0
 
@@ -128,7 +130,7 @@ def test_a_late_success_callback_credits_a_payment_in_review(push, monkeypatch):
     services.payments_reconcile()
     payment.refresh_from_db()
     assert payment.status == PaymentStatus.NEEDS_REVIEW
-    Client().post("/payments/callbacks/stk/test-callback-secret/", data=stk_success_for(payment), content_type="application/json")
+    Client().post(STK_CALLBACK, data=stk_success_for(payment), content_type="application/json")
     payment.refresh_from_db()
     assert payment.status == PaymentStatus.SUCCEEDED and meter_balance_get(meter_no="METER-A1") == Decimal("4")
 

@@ -22,8 +22,8 @@ from payments.models import Callback, CallbackStatus, Payment, PaymentStatus
 from tests.conftest import PASSWORD
 from tests.payments.fixtures import STK_SUCCESS, c2b_request, stk_success_for
 
-STK = "/payments/callbacks/stk/test-callback-secret/"
-CONFIRMATION = "/payments/callbacks/c2b/confirmation/test-callback-secret/"
+STK = "/payments/callbacks/stk/test-callback-secret-0123456789abcdef/"
+CONFIRMATION = "/payments/callbacks/c2b/confirmation/test-callback-secret-0123456789abcdef/"
 RECEIPT = "NLJ7RT61SV"
 
 pytestmark = pytest.mark.django_db

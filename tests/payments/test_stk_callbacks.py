@@ -20,7 +20,7 @@ from payments import services
 from payments.models import Callback, CallbackStatus, Payment, PaymentStatus
 from tests.payments.fixtures import STK_SUCCESS, stk_failure_for, stk_success_for
 
-URL = "/payments/callbacks/stk/test-callback-secret/"
+URL = "/payments/callbacks/stk/test-callback-secret-0123456789abcdef/"
 
 
 def post(client, body: str, url: str = URL, **extra):
@@ -154,7 +154,7 @@ def test_a_failure_after_a_success_never_downgrades_it(client, pending):
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("secret", ["wrong", "test-callback-secre", "test-callback-secret-"])
+@pytest.mark.parametrize("secret", ["wrong", "test-callback-secre", "test-callback-secret-0123456789abcdef-"])
 def test_a_wrong_secret_is_refused_and_nothing_is_stored(client, pending, secret):
     response = post(client, stk_success_for(pending), url=f"/payments/callbacks/stk/{secret}/")
     assert response.status_code == 404

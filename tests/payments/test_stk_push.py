@@ -30,7 +30,7 @@ def test_push_creates_a_pending_payment_with_the_checkout_id(fake_daraja, alice_
 def test_the_push_names_the_meter_and_calls_back_with_the_secret(fake_daraja, alice_meter, settings):
     settings.MPESA_CALLBACK_BASE_URL = "https://pay.example.com"
     start(alice_meter.owner.user)
-    assert services.stk_callback_url() == "https://pay.example.com/payments/callbacks/stk/test-callback-secret/"
+    assert services.stk_callback_url() == "https://pay.example.com/payments/callbacks/stk/test-callback-secret-0123456789abcdef/"
 
 
 def test_someone_elses_meter_is_not_found_and_nothing_is_sent(fake_daraja, alice_meter, bob):
