@@ -63,7 +63,7 @@ def worker(postgres, private_mosquitto, tmp_path):
 @pytest.fixture
 def real_publisher(private_mosquitto, settings, monkeypatch):
     """Commands queued in this process are published by the real publisher to the private broker."""
-    settings.MQTT = mqtt_from_url("MQTT_URL", private_mosquitto.url)
+    settings.MQTT = settings.MQTT_PUBLISHER = mqtt_from_url("MQTT_URL", private_mosquitto.url)
     monkeypatch.setattr(publisher, "_publisher", None)
     monkeypatch.setattr(outbox, "_command_dispatchers", [publisher.publish_commands])
     yield
