@@ -196,7 +196,7 @@ public:
             partition_ = NVS_DEFAULT_PART_NAME;
             Serial.println("[meter] no 'ident' partition (an older partition table): the identity is in the 'nvs' partition");
         } else {
-            // Not formatted here: the identity may still be in it (README.md, recovery).
+            // Not formatted here: the identity may still be in it (README.md, "Where it is stored").
             logError("nvs_flash_init_partition(ident)", err);
             return false;
         }
