@@ -31,6 +31,9 @@ import tempfile
 from pathlib import Path
 
 VERSION_RE = re.compile(r"^[A-Za-z0-9._+-]{1,31}$")
+# Compiled into an image built with METER_DEV_IDENTITY=1 (firmware/esp32/src/main.cpp): such an
+# image connects every unprovisioned meter with the development identity, so it is never signed.
+DEV_IMAGE_MARKER = b"SMARTMETER-DEV-IDENTITY-IMAGE"
 
 
 def manifest(version: str, sha256_hex: str) -> bytes:
@@ -74,6 +77,9 @@ def header_text(point: bytes) -> str:
 
 
 def sign(key_pem: Path, version: str, image: bytes) -> dict:
+    if DEV_IMAGE_MARKER in image:
+        raise ValueError("this image was built with METER_DEV_IDENTITY=1 (a development identity compiled in): "
+                         "not signed; build the release without it")
     digest = hashlib.sha256(image).hexdigest()
     with tempfile.NamedTemporaryFile() as f:
         f.write(manifest(version, digest))
@@ -125,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         print(point.hex())
         return 0
     if args.command == "sign":
-        print(json.dumps(sign(args.key, args.version, args.image.read_bytes())))
+        try:
+            print(json.dumps(sign(args.key, args.version, args.image.read_bytes())))
+        except ValueError as e:
+            print(f"sign_firmware: {e}", file=sys.stderr)
+            return 2
         return 0
     ok = verify(bytes.fromhex(args.public_key_hex), args.version, args.sha256, args.signature)
     print("valid" if ok else "INVALID")

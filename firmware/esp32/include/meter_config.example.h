@@ -1,33 +1,53 @@
-// Per-meter device configuration. Copy to meter_config.h (git-ignored: it holds this meter's
-// credentials) and fill in. Each meter has its own MQTT username/password (the broker's ACL
-// pattern rules key on the username = meter number), and TLS to the broker is verified with
-// the CA certificate below.
+// Device configuration compiled into the image. Copy to meter_config.h (git-ignored) and fill in.
+//
+// The image carries NO meter identity. One signed image goes to the whole fleet by OTA
+// (PROTOCOL-ext.md "OTA"), so everything that differs per meter -- meter number, MQTT
+// username/password, broker URL, and optionally the broker's CA and the Wi-Fi -- is provisioned
+// into the meter's NVS over the serial console (README.md "Provisioning a meter") and survives
+// OTA updates. What is below is the same for every meter of a fleet (or a fallback for it).
+// Defining METER_NO, MQTT_USERNAME, MQTT_PASSWORD or MQTT_URI here stops the build.
 #pragma once
 
-// Identity: must match ^[A-Za-z0-9_-]{1,32}$ and the meter's record in the backend.
-#define METER_NO "METER001"
 #define FW_VERSION "1.0.0"
 
-// Wi-Fi.
+// Wi-Fi the meters join unless their identity has its own (provision ssid=... wifipass=...).
 #define WIFI_SSID "your-ssid"
 #define WIFI_PASSWORD "your-wifi-password"
 
-// MQTT over TLS (port 8883). The username is the meter number (see deploy ACL patterns).
-#define MQTT_URI "mqtts://mqtt.example.com:8883"
-#define MQTT_USERNAME METER_NO
-#define MQTT_PASSWORD "per-meter-secret"
-// PEM of the CA that signed the broker's certificate (not the broker certificate itself).
-#define MQTT_CA_PEM                                                                       \
-    "-----BEGIN CERTIFICATE-----\n"                                                       \
-    "...paste the CA certificate here...\n"                                               \
-    "-----END CERTIFICATE-----\n"
+// The fleet CA: PEM of the CA that signed the broker's certificate (and the firmware server's),
+// not the broker certificate itself. Used when a meter's identity has no CA of its own
+// (provision ca=...). Leave it "" to require a CA in every identity: a meter whose broker URL is
+// mqtts:// and that has no CA anywhere does not connect (esp-tls cannot verify the server).
+// For example: #define MQTT_CA_PEM "-----BEGIN CERTIFICATE-----\n" "MIID...\n" "-----END CERTIFICATE-----\n"
+#define MQTT_CA_PEM ""
+
+// 1: broker URLs mqtt:// (no TLS) are accepted, for a bench broker only. Production: 0.
+#ifndef METER_ALLOW_PLAIN_MQTT
+#define METER_ALLOW_PLAIN_MQTT 0
+#endif
+
+// ---- DEVELOPMENT BOARD ONLY ----------------------------------------------------------------------
+// A bench board can run without being provisioned: with METER_DEV_IDENTITY 1 (here, or
+// build_flags = -DMETER_DEV_IDENTITY=1), a board that has NO identity in NVS connects with the
+// DEV_* identity below. A stored identity always wins, and an unreadable one is never replaced
+// by it. The board's meter state then belongs to DEV_METER_NO: provisioning it later as a real
+// meter needs its flash erased first (README.md). An image built with it would give every
+// unprovisioned meter it reaches this identity: the build prints a message, the boot banner says
+// "DEVELOPMENT IMAGE", and firmware/tools/sign_firmware.py refuses to sign it.
+#ifndef METER_DEV_IDENTITY
+#define METER_DEV_IDENTITY 0
+#endif
+#define DEV_METER_NO "DEV001"
+#define DEV_MQTT_USERNAME DEV_METER_NO
+#define DEV_MQTT_PASSWORD "dev-password"
+#define DEV_MQTT_URI "mqtt://192.168.1.10:1883"  // needs METER_ALLOW_PLAIN_MQTT 1, or mqtts:// and a CA
 
 // SNTP servers: timestamps are Unix ms only after a sync (before, ms since boot).
 #define NTP_SERVER_1 "pool.ntp.org"
 #define NTP_SERVER_2 "time.google.com"
 
 // OTA arrives over MQTT (command/ota, firmware/PROTOCOL-ext.md): images are fetched over HTTPS,
-// verified with the broker's CA above, and must be signed with the release key whose public
+// verified with the meter's CA (its identity's, else MQTT_CA_PEM above), and must be signed with the release key whose public
 // half is esp32/include/ota_public_key.h (python firmware/tools/sign_firmware.py keygen).
 // There is no LAN OTA (ArduinoOTA): it had no signature, no rollback, and reset on a bad password.
 

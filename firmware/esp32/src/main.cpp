@@ -1,8 +1,11 @@
 // ESP32 glue: binds the portable meter core (firmware/core) to Arduino-ESP32 2.0.17 / ESP-IDF 4.4
-// (PlatformIO espressif32@6.9.0). Everything that decides money, relay state, OTA or safe mode
-// lives in the core and is tested on the host; this file moves bytes between the core and the
-// hardware, Wi-Fi, NVS, flash partitions and esp_mqtt. It is NOT compiled on the project's CI
-// machine (no ESP32 toolchain there): README.md lists every API used and where it was checked.
+// (PlatformIO espressif32@6.9.0). Everything that decides money, relay state, OTA, safe mode or
+// the meter's identity lives in the core and is tested on the host; this file moves bytes between
+// the core and the hardware, Wi-Fi, NVS, flash partitions, the serial console and esp_mqtt.
+// The image carries no meter identity: it is read from NVS (meter/identity.h), provisioned over
+// the serial console (meter/provisioning.h); without one the meter does not connect.
+// It is NOT built for the device on the project's CI machine (no ESP32 toolchain there; it is
+// compiled against declaration-only stubs): README.md lists every API used and where it was checked.
 //
 // Threads: esp_mqtt runs its own task and calls mqttEvent() with its API lock held. The handler
 // never waits and never calls the client: it copies the event into one of two FreeRTOS queues
@@ -26,6 +29,7 @@
 #include <mbedtls/sha256.h>
 #include <mqtt_client.h>
 #include <nvs.h>
+#include <nvs_flash.h>
 #include <sys/time.h>
 
 #include <atomic>
@@ -47,10 +51,27 @@
 #include "meter/backoff.h"
 #include "meter/boot_guard.h"
 #include "meter/flash_ring.h"
+#include "meter/identity.h"
 #include "meter/meter_core.h"
 #include "meter/numeric.h"
 #include "meter/ota.h"
+#include "meter/provisioning.h"
 #include "meter/pzem.h"
+
+// The identity is per meter and lives in NVS; an image that still compiles one in would hand it
+// to every meter it is installed on.
+#if defined(METER_NO) || defined(MQTT_USERNAME) || defined(MQTT_PASSWORD) || defined(MQTT_URI)
+#error "meter_config.h defines a meter identity (METER_NO/MQTT_USERNAME/MQTT_PASSWORD/MQTT_URI): remove it. Meters are provisioned over the serial console (README.md); a bench board may use DEV_* with METER_DEV_IDENTITY=1"
+#endif
+#ifndef METER_DEV_IDENTITY
+#define METER_DEV_IDENTITY 0
+#endif
+#ifndef METER_ALLOW_PLAIN_MQTT
+#define METER_ALLOW_PLAIN_MQTT 0
+#endif
+#if METER_DEV_IDENTITY
+#pragma message("METER_DEV_IDENTITY=1: unprovisioned meters running this image connect as DEV_METER_NO. Never sign or roll it out (sign_firmware.py refuses it).")
+#endif
 
 // Arduino-ESP32 validates a pending OTA image in initArduino() before setup() when it is built
 // with CONFIG_APP_ROLLBACK_ENABLE, unless this returns true. The core decides (OtaManager).
@@ -63,6 +84,10 @@ namespace {
 uint32_t nowMs() { return static_cast<uint32_t>(::millis()); }
 
 void logError(const char* what, esp_err_t err) { Serial.printf("[meter] %s failed: %s\n", what, esp_err_to_name(err)); }
+
+// The CA that verifies the broker and the firmware server: the identity's, else the fleet CA
+// compiled into the image (MQTT_CA_PEM, the same for every meter). Set once in setup().
+std::string g_caPem;
 
 // ---- retained RAM (RTC slow memory, not initialised at boot) -------------------------------------
 
@@ -151,6 +176,75 @@ public:
     }
 
 private:
+    nvs_handle_t handle_ = 0;
+    bool open_ = false;
+};
+
+// The identity: namespace "ident" in the NVS partition "ident" (partitions.csv), which
+// initArduino() never formats (it erases only the first NVS partition, "nvs", when that has no
+// free pages), or in the default partition on a board whose partition table predates "ident"
+// (tables do not change by OTA). Never erased by this firmware; `unprovision` erases one key.
+constexpr const char* kIdentPartition = "ident";
+
+class NvsIdentityStore : public meter::IdentityStore {
+public:
+    bool begin() {
+        esp_err_t err = nvs_flash_init_partition(kIdentPartition);
+        if (err == ESP_OK) {
+            partition_ = kIdentPartition;
+        } else if (err == ESP_ERR_NOT_FOUND) {
+            partition_ = NVS_DEFAULT_PART_NAME;
+            Serial.println("[meter] no 'ident' partition (an older partition table): the identity is in the 'nvs' partition");
+        } else {
+            // Not formatted here: the identity may still be in it (README.md, "Where it is stored").
+            logError("nvs_flash_init_partition(ident)", err);
+            return false;
+        }
+        err = nvs_open_from_partition(partition_, meter::kIdentityNamespace, NVS_READWRITE, &handle_);
+        if (err != ESP_OK) {
+            logError("nvs_open_from_partition(ident)", err);
+            return false;
+        }
+        open_ = true;
+        return true;
+    }
+    const char* partition() const { return partition_; }
+    Read get(const char* key, std::vector<uint8_t>& out) override {
+        if (!open_) return Read::Failed;
+        size_t n = 0;
+        esp_err_t err = nvs_get_blob(handle_, key, nullptr, &n);
+        if (err == ESP_ERR_NVS_NOT_FOUND) return Read::Missing;
+        if (err != ESP_OK) {
+            logError("nvs_get_blob (ident, size)", err);
+            return Read::Failed;
+        }
+        out.resize(n);
+        err = nvs_get_blob(handle_, key, out.data(), &n);
+        if (err != ESP_OK) {
+            logError("nvs_get_blob (ident)", err);
+            return Read::Failed;
+        }
+        if (n != out.size()) return Read::Failed;
+        return Read::Ok;
+    }
+    bool put(const char* key, const uint8_t* data, size_t len) override {
+        if (!open_) return false;
+        esp_err_t err = nvs_set_blob(handle_, key, data, len);
+        if (err == ESP_OK) err = nvs_commit(handle_);
+        if (err != ESP_OK) logError("nvs_set_blob/commit (ident)", err);
+        return err == ESP_OK;
+    }
+    bool erase(const char* key) override {
+        if (!open_) return false;
+        esp_err_t err = nvs_erase_key(handle_, key);
+        if (err == ESP_ERR_NVS_NOT_FOUND) err = ESP_OK;  // already gone
+        if (err == ESP_OK) err = nvs_commit(handle_);
+        if (err != ESP_OK) logError("nvs_erase_key/commit (ident)", err);
+        return err == ESP_OK;
+    }
+
+private:
+    const char* partition_ = NVS_DEFAULT_PART_NAME;
     nvs_handle_t handle_ = 0;
     bool open_ = false;
 };
@@ -358,7 +452,9 @@ private:
     void run() {
         esp_http_client_config_t http = {};
         http.url = url_.c_str();
-        http.cert_pem = MQTT_CA_PEM;  // the broker's CA signs the firmware server's certificate too
+        // The broker's CA signs the firmware server's certificate too. Without one esp-tls refuses
+        // https (no way to verify the server), and the update fails.
+        http.cert_pem = g_caPem.empty() ? nullptr : g_caPem.c_str();
         http.timeout_ms = 15000;
         http.keep_alive_enable = true;
         esp_https_ota_config_t cfg = {};
@@ -490,6 +586,12 @@ std::unique_ptr<meter::OtaManager> g_ota;
 std::unique_ptr<meter::BootGuard> g_guard;
 std::unique_ptr<meter::MeterCore> g_core;
 std::unique_ptr<meter::SafeModeCore> g_safe;
+std::unique_ptr<meter::UnprovisionedCore> g_unprov;  // no usable identity: no network, relay open
+NvsIdentityStore g_identityStore;
+meter::BootIdentity g_boot;  // never changed after setup(): g_mqttCfg points into it
+std::unique_ptr<meter::ProvisioningConsole> g_console;
+const char* g_wifiSsid = WIFI_SSID;
+const char* g_wifiPass = WIFI_PASSWORD;
 
 meter::Backoff g_wifiBackoff(4000, 120000);  // association takes seconds: start at 2-4 s
 meter::Backoff g_mqttBackoff(2000, 120000);
@@ -556,7 +658,7 @@ void maintainWifi(uint32_t now) {
     }
     if (meter::elapsedMs(now, g_nextWifiAttemptMs) < g_wifiWaitMs) return;
     WiFi.disconnect();
-    if (WiFi.begin(WIFI_SSID, WIFI_PASSWORD) == WL_CONNECT_FAILED) Serial.println("[meter] WiFi.begin failed");
+    if (WiFi.begin(g_wifiSsid, g_wifiPass) == WL_CONNECT_FAILED) Serial.println("[meter] WiFi.begin failed");
     g_nextWifiAttemptMs = now;
     g_wifiWaitMs = g_wifiBackoff.nextDelayMs(esp_random());
 }
@@ -624,13 +726,86 @@ void restartDeliberately() {
     esp_restart();
 }
 
+// The serial console's receive buffer: a provision line with a CA (~2-6 KiB) arrives at 115200
+// baud (11.5 bytes/ms) while loop() may be in a 120 ms PZEM read. Set before Serial.begin().
+constexpr size_t kConsoleRxBytes = 8192;
+
+void consoleOut(const std::string& line) { Serial.printf("%s\n", line.c_str()); }
+
+// Feeds what the console received to the provisioning console, at most 2 KiB per loop() (the
+// UART buffer holds the rest), and restarts once a new identity is stored and confirmed.
+void pollConsole() {
+    uint8_t buf[256];
+    size_t n = 0;
+    for (size_t budget = 0; budget < 2048 && Serial.available() > 0; ++budget) {
+        const int c = Serial.read();
+        if (c < 0) break;
+        buf[n++] = static_cast<uint8_t>(c);
+        if (n == sizeof buf) {
+            g_console->feed(buf, n);
+            n = 0;
+        }
+    }
+    if (n > 0) g_console->feed(buf, n);
+    if (g_console->restartRequested()) {
+        Serial.flush();
+        restartDeliberately();
+    }
+}
+
+#if METER_DEV_IDENTITY
+// Referenced at boot, so it is in the image: sign_firmware.py refuses to sign an image holding it.
+const char kDevImageMarker[] = "SMARTMETER-DEV-IDENTITY-IMAGE";
+
+meter::MeterIdentity devIdentity() {
+    meter::MeterIdentity id;
+    id.meterNo = DEV_METER_NO;
+    id.mqttUser = DEV_MQTT_USERNAME;
+    id.mqttPass = DEV_MQTT_PASSWORD;
+    id.brokerUrl = DEV_MQTT_URI;
+    return id;
+}
+#endif
+
+// Which identity this boot runs with (stored, development, or none and why).
+void resolveIdentity() {
+    meter::IdentityPolicy policy;
+    policy.allowPlainMqtt = METER_ALLOW_PLAIN_MQTT != 0;
+    policy.imageHasCa = sizeof(MQTT_CA_PEM) > 1;
+    policy.devIdentity = METER_DEV_IDENTITY != 0;
+    if (!g_identityStore.begin()) Serial.println("[meter] the identity storage is unavailable");
+#if METER_DEV_IDENTITY
+    Serial.printf("[meter] DEVELOPMENT IMAGE (%s): an unprovisioned board connects as %s\n", kDevImageMarker, DEV_METER_NO);
+    const meter::MeterIdentity dev = devIdentity();
+    g_boot = meter::resolveBootIdentity(g_identityStore, policy, &dev);
+#else
+    g_boot = meter::resolveBootIdentity(g_identityStore, policy, nullptr);
+#endif
+    g_console.reset(new meter::ProvisioningConsole(g_identityStore, policy, g_boot, consoleOut));
+    if (g_boot.source == meter::BootIdentity::Source::None) {
+        Serial.printf("[meter] no usable identity: %s\n", g_boot.why.c_str());
+        return;
+    }
+    const meter::MeterIdentity& id = g_boot.identity;
+    // describeIdentity never includes a password.
+    Serial.printf("[meter] identity (%s, partition %s): %s\n", meter::sourceName(g_boot.source),
+                  g_identityStore.partition(), meter::describeIdentity(id).c_str());
+    g_caPem = id.caPem.empty() ? std::string(MQTT_CA_PEM) : id.caPem;
+    if (!id.wifiSsid.empty()) {
+        g_wifiSsid = id.wifiSsid.c_str();
+        g_wifiPass = id.wifiPass.empty() ? nullptr : id.wifiPass.c_str();
+    }
+}
+
 }  // namespace
 
 void setup() {
+    const bool bigRx = Serial.setRxBufferSize(kConsoleRxBytes) == kConsoleRxBytes;
     Serial.begin(115200);
     const esp_reset_reason_t rr = esp_reset_reason();
     const char* reason = resetReasonName(rr);
-    Serial.printf("=== ESP32 Smart Meter %s (%s), reset: %s ===\n", METER_NO, FW_VERSION, reason);
+    Serial.printf("=== ESP32 Smart Meter (%s), reset: %s ===\n", FW_VERSION, reason);
+    if (!bigRx) Serial.println("[meter] Serial.setRxBufferSize failed: long console lines may be cut");
     // Brown-out detection stays as the Arduino core's sdkconfig enables it: a sagging supply
     // resets the chip instead of corrupting flash writes, and the reset reason reports it.
 
@@ -652,6 +827,21 @@ void setup() {
     g_guard.reset(new meter::BootGuard(g_guardRtc, guardCfg));
     const bool safeMode = g_guard->begin();
 
+    resolveIdentity();
+    if (!g_kv.begin()) Serial.println("[meter] NVS unavailable: the state lives in RTC memory and the ring only");
+    meter::OtaConfig otaCfg;  // https only, the defaults of ota.h
+    g_otaPlatform.onRestart = [] { g_guard->clear(); };
+    g_ota.reset(new meter::OtaManager(otaCfg, g_kv, g_otaPlatform, g_verifier));
+
+    if (g_boot.source == meter::BootIdentity::Source::None) {
+        // No Wi-Fi, no MQTT, no metering: the relay stays open. OTA only finishes what the last
+        // boot started, so an image that came by OTA and finds no identity rolls back.
+        g_unprov.reset(new meter::UnprovisionedCore(FW_VERSION, g_clock, g_relay, reason, g_boot.why));
+        g_unprov->attachOta(*g_ota);
+        g_unprov->begin();
+        return;
+    }
+
     g_events = xQueueCreate(32, sizeof(Event));
     g_commands = xQueueCreate(6, sizeof(Command));
     if (g_events == nullptr || g_commands == nullptr) {
@@ -660,16 +850,12 @@ void setup() {
     }
 
     meter::MeterConfig cfg;
-    cfg.meterNo = METER_NO;
+    cfg.meterNo = g_boot.identity.meterNo;
     cfg.fwVersion = FW_VERSION;
     cfg.reportIntervalMs = REPORT_INTERVAL_MS;
     cfg.sensorFailTimeoutMs = SENSOR_FAIL_TIMEOUT_MS;
     cfg.lowBalanceThreshold = LOW_BALANCE_KWH;
     cfg.ratedMaxKw = RATED_MAX_KW;
-    meter::OtaConfig otaCfg;  // https only, the defaults of ota.h
-    g_otaPlatform.onRestart = [] { g_guard->clear(); };
-    if (!g_kv.begin()) Serial.println("[meter] NVS unavailable: the state lives in RTC memory and the ring only");
-    g_ota.reset(new meter::OtaManager(otaCfg, g_kv, g_otaPlatform, g_verifier));
 
     if (safeMode) {
         // Neither the stored state nor the report ring is read: either may be what crashes.
@@ -696,12 +882,13 @@ void setup() {
     sntp_set_time_sync_notification_cb(onTimeSynced);
     configTime(0, 0, NTP_SERVER_1, NTP_SERVER_2);
 
-    g_commandFilter = std::string("smartmeter/") + METER_NO + "/command/#";
-    g_mqttCfg.uri = MQTT_URI;
-    g_mqttCfg.client_id = METER_NO;
-    g_mqttCfg.username = MQTT_USERNAME;
-    g_mqttCfg.password = MQTT_PASSWORD;
-    g_mqttCfg.cert_pem = MQTT_CA_PEM;
+    const meter::MeterIdentity& id = g_boot.identity;
+    g_commandFilter = "smartmeter/" + id.meterNo + "/command/#";
+    g_mqttCfg.uri = id.brokerUrl.c_str();
+    g_mqttCfg.client_id = id.meterNo.c_str();
+    g_mqttCfg.username = id.mqttUser.c_str();
+    g_mqttCfg.password = id.mqttPass.c_str();
+    g_mqttCfg.cert_pem = g_caPem.empty() ? nullptr : g_caPem.c_str();  // empty only for mqtt:// (METER_ALLOW_PLAIN_MQTT)
     g_mqttCfg.keepalive = 30;
     // Persistent session: balance commands published while the meter is offline are queued by
     // the broker and delivered on reconnect.
@@ -727,6 +914,19 @@ void setup() {
 
 void loop() {
     esp_task_wdt_reset();
+    pollConsole();
+
+    if (g_unprov) {
+        const meter::OtaManager::Action a = g_unprov->loop();
+        std::string line;
+        while (g_unprov->takeNotice(line)) consoleOut(line);
+        if (a == meter::OtaManager::Action::Rollback) g_ota->rollbackNow();
+        else if (a == meter::OtaManager::Action::Restart) g_ota->restartNow();
+        g_guard->loop(g_unprov->uptimeMs());
+        delay(10);
+        return;
+    }
+
     uint32_t now = nowMs();
     maintainWifi(now);
     maintainMqtt(now);

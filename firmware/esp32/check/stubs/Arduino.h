@@ -12,6 +12,7 @@ public:
     void begin(unsigned long baud, uint32_t config = SERIAL_8N1, int8_t rxPin = -1, int8_t txPin = -1,
                bool invert = false, unsigned long timeout_ms = 20000UL, uint8_t rxfifo_full_thrhd = 112);
     void setTimeout(unsigned long timeout);
+    size_t setRxBufferSize(size_t new_size);  // before begin(); 0 on failure
     int available();
     int read();
     size_t write(const uint8_t* buffer, size_t size);

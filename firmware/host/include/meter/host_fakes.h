@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "meter/identity.h"
 #include "meter/interfaces.h"
 #include "meter/ota.h"
 
@@ -80,6 +81,41 @@ public:
 private:
     std::map<std::string, std::vector<uint8_t>> data_;
     std::map<std::string, size_t> writes_;
+};
+
+// The identity namespace: a map, with NVS failures to inject.
+class MemIdentityStore : public IdentityStore {
+public:
+    Read get(const char* key, std::vector<uint8_t>& out) override {
+        if (failReads) return Read::Failed;
+        auto it = data.find(key);
+        if (it == data.end()) return Read::Missing;
+        out = it->second;
+        return Read::Ok;
+    }
+    bool put(const char* key, const uint8_t* d, size_t len) override {
+        if (failWrites) return false;
+        std::vector<uint8_t>& v = data[key];
+        v.assign(d, d + len);
+        if (flipOnWrite && !v.empty()) v[v.size() / 2] ^= 0x20;  // flash that does not keep what it was given
+        ++writes;
+        return true;
+    }
+    bool erase(const char* key) override {
+        if (failWrites) return false;
+        data.erase(key);
+        ++writes;
+        return true;
+    }
+    void corrupt(const std::string& key) {
+        auto it = data.find(key);
+        if (it != data.end() && !it->second.empty()) it->second[it->second.size() / 2] ^= 0x5A;
+    }
+    std::map<std::string, std::vector<uint8_t>> data;
+    bool failReads = false;
+    bool failWrites = false;
+    bool flipOnWrite = false;
+    size_t writes = 0;
 };
 
 class MemFlash : public FlashRegion {

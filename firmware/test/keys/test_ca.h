@@ -1,0 +1,66 @@
+// Two self-signed CA certificates made with openssl for tests only (TEST ONLY: no broker uses
+// them): base64 of the DER as the console takes it, the PEM openssl writes, and the SHA-256 of
+// the DER (openssl x509 -noout -fingerprint -sha256).
+#pragma once
+
+namespace test_ca {
+
+constexpr const char* kRsaBase64 =
+    "MIIDKzCCAhOgAwIBAgIUTGk//hu2WMfH6xVD2iWDVz5mg84wDQYJKoZIhvcNAQELBQAwJTEjMCEGA1UEAwwaVGVzdCBCcm9r"
+    "ZXIgQ0EgKFRFU1QgT05MWSkwHhcNMjYxMjAxMjM0MDExWhcNMzYxMTI4MjM0MDExWjAlMSMwIQYDVQQDDBpUZXN0IEJyb2tl"
+    "ciBDQSAoVEVTVCBPTkxZKTCCASIwDQYJKoZIhvcNAQEBBQADggEPADCCAQoCggEBALK9zYW14IrNZmZKYy/5OadRRZsZ+YYy"
+    "KjetsXKXxZhoygeNdEflBtrS8rN68ATimDBS5TXLXNUAT/OSL6pTJjGeFkzSrAyl0ucbwxPx568UjKfTcHeNmdj2RoOts/hl"
+    "hCbNiZjYUEsUn9E2AwVP+m1DkjqmMcltbUo8ta1jePRm0F8DB4Wf4m+tYkhfPyJfSHwT3fmTUAWgcrmAbtwIcMTmk9E4uJ0r"
+    "WjQrbFMvJF+pbGopOKr23rx5dPHSsUWiXRowyoIXqQCBvLQXthpdZuuKwksbC5JGjfV/ULkafP8kpy9u5h/c5w4siSOzKicg"
+    "nuq87PmAA8y8raJU+nu6dZ0CAwEAAaNTMFEwHQYDVR0OBBYEFPS42biq8TcaJbgPtLxRQYz2tMrDMB8GA1UdIwQYMBaAFPS4"
+    "2biq8TcaJbgPtLxRQYz2tMrDMA8GA1UdEwEB/wQFMAMBAf8wDQYJKoZIhvcNAQELBQADggEBAENYKYC1rruC+Ir+ptodgh/m"
+    "pPH5cmhbAcBl/FQv6mY/RBdFdPZJpe184XrbisvELu35dWp9bFksFhqTLdI0xXgBfPxPRd51ZWkXAYIK8Li2bAZxjRQQdj9h"
+    "VN2+/fOOwNeAHi4YfkevnwuGCUUCSJyi+4/fNgCTmBOIPlvV4jPsjjBaa/ZaRvuId11lRkLp1j52i1nwzo5rhOM7bLikcKAb"
+    "8eN48dkN2BNZMgHgjN9xsip0SXUNaCTLwyRdwdiUKpH15x5yAvppLGbsIHf+1ZE3WPTUJi798SzBp8b623RUgg5zRkv/CKfE"
+    "G0Bp1vBKl5m4u1025Qak0ovsR6wTPbI="
+    ;
+constexpr const char* kRsaPem =
+    "-----BEGIN CERTIFICATE-----\n"
+    "MIIDKzCCAhOgAwIBAgIUTGk//hu2WMfH6xVD2iWDVz5mg84wDQYJKoZIhvcNAQEL\n"
+    "BQAwJTEjMCEGA1UEAwwaVGVzdCBCcm9rZXIgQ0EgKFRFU1QgT05MWSkwHhcNMjYx\n"
+    "MjAxMjM0MDExWhcNMzYxMTI4MjM0MDExWjAlMSMwIQYDVQQDDBpUZXN0IEJyb2tl\n"
+    "ciBDQSAoVEVTVCBPTkxZKTCCASIwDQYJKoZIhvcNAQEBBQADggEPADCCAQoCggEB\n"
+    "ALK9zYW14IrNZmZKYy/5OadRRZsZ+YYyKjetsXKXxZhoygeNdEflBtrS8rN68ATi\n"
+    "mDBS5TXLXNUAT/OSL6pTJjGeFkzSrAyl0ucbwxPx568UjKfTcHeNmdj2RoOts/hl\n"
+    "hCbNiZjYUEsUn9E2AwVP+m1DkjqmMcltbUo8ta1jePRm0F8DB4Wf4m+tYkhfPyJf\n"
+    "SHwT3fmTUAWgcrmAbtwIcMTmk9E4uJ0rWjQrbFMvJF+pbGopOKr23rx5dPHSsUWi\n"
+    "XRowyoIXqQCBvLQXthpdZuuKwksbC5JGjfV/ULkafP8kpy9u5h/c5w4siSOzKicg\n"
+    "nuq87PmAA8y8raJU+nu6dZ0CAwEAAaNTMFEwHQYDVR0OBBYEFPS42biq8TcaJbgP\n"
+    "tLxRQYz2tMrDMB8GA1UdIwQYMBaAFPS42biq8TcaJbgPtLxRQYz2tMrDMA8GA1Ud\n"
+    "EwEB/wQFMAMBAf8wDQYJKoZIhvcNAQELBQADggEBAENYKYC1rruC+Ir+ptodgh/m\n"
+    "pPH5cmhbAcBl/FQv6mY/RBdFdPZJpe184XrbisvELu35dWp9bFksFhqTLdI0xXgB\n"
+    "fPxPRd51ZWkXAYIK8Li2bAZxjRQQdj9hVN2+/fOOwNeAHi4YfkevnwuGCUUCSJyi\n"
+    "+4/fNgCTmBOIPlvV4jPsjjBaa/ZaRvuId11lRkLp1j52i1nwzo5rhOM7bLikcKAb\n"
+    "8eN48dkN2BNZMgHgjN9xsip0SXUNaCTLwyRdwdiUKpH15x5yAvppLGbsIHf+1ZE3\n"
+    "WPTUJi798SzBp8b623RUgg5zRkv/CKfEG0Bp1vBKl5m4u1025Qak0ovsR6wTPbI=\n"
+    "-----END CERTIFICATE-----\n";
+constexpr const char* kRsaSha256 = "56a08c766658065865b51441aa04556d7d97f9b59be5aa9d5a3d1e0487b941cb";
+
+constexpr const char* kEcBase64 =
+    "MIIBpjCCAUugAwIBAgIUWZq+85e7vvsu1eiZ4hjOOGpzUXowCgYIKoZIzj0EAwIwKDEmMCQGA1UEAwwdVGVzdCBJbnRlcm1l"
+    "ZGlhdGUgKFRFU1QgT05MWSkwHhcNMjYxMjAxMjM0MDExWhcNMzYxMTI4MjM0MDExWjAoMSYwJAYDVQQDDB1UZXN0IEludGVy"
+    "bWVkaWF0ZSAoVEVTVCBPTkxZKTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABCwIK2i6NsMFlH2LP3AYirPB3gjUdL3BEBYi"
+    "/VCj8tyXVytttUnRxAgT5SE/I+YnrYXxSKQ5Yho9xKDpjD2r70ujUzBRMB0GA1UdDgQWBBQpvQYd+6sGRG/Xdecsdrh4kbSD"
+    "xjAfBgNVHSMEGDAWgBQpvQYd+6sGRG/Xdecsdrh4kbSDxjAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0kAMEYCIQDv"
+    "yh+eR0jIP0uvAHNonBBqu8vwZTTQAmiZy/tTXh101gIhAO4mWLCafCMcTYtVwxDM1V4M+bdE/Ao2VFZ8Y9D+DVAv"
+    ;
+constexpr const char* kEcPem =
+    "-----BEGIN CERTIFICATE-----\n"
+    "MIIBpjCCAUugAwIBAgIUWZq+85e7vvsu1eiZ4hjOOGpzUXowCgYIKoZIzj0EAwIw\n"
+    "KDEmMCQGA1UEAwwdVGVzdCBJbnRlcm1lZGlhdGUgKFRFU1QgT05MWSkwHhcNMjYx\n"
+    "MjAxMjM0MDExWhcNMzYxMTI4MjM0MDExWjAoMSYwJAYDVQQDDB1UZXN0IEludGVy\n"
+    "bWVkaWF0ZSAoVEVTVCBPTkxZKTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABCwI\n"
+    "K2i6NsMFlH2LP3AYirPB3gjUdL3BEBYi/VCj8tyXVytttUnRxAgT5SE/I+YnrYXx\n"
+    "SKQ5Yho9xKDpjD2r70ujUzBRMB0GA1UdDgQWBBQpvQYd+6sGRG/Xdecsdrh4kbSD\n"
+    "xjAfBgNVHSMEGDAWgBQpvQYd+6sGRG/Xdecsdrh4kbSDxjAPBgNVHRMBAf8EBTAD\n"
+    "AQH/MAoGCCqGSM49BAMCA0kAMEYCIQDvyh+eR0jIP0uvAHNonBBqu8vwZTTQAmiZ\n"
+    "y/tTXh101gIhAO4mWLCafCMcTYtVwxDM1V4M+bdE/Ao2VFZ8Y9D+DVAv\n"
+    "-----END CERTIFICATE-----\n";
+constexpr const char* kEcSha256 = "1891b3f4133b4ab4ea2c7dbeb820fa496836906393683efa95fd1e55f4530d67";
+
+}  // namespace test_ca
